@@ -1,0 +1,105 @@
+"""BraTS conventions shared by the converter, the trainers and the evaluation.
+
+Modalities are always found by name (case-insensitive, with the aliases used by
+the BraTS releases and the Decathlon), never by a fixed channel index.
+Labels inside nnU-Net follow nnU-Net's own BraTS convention:
+1 = edema (ED), 2 = necrosis / non-enhancing core (NCR), 3 = enhancing tumour (ET).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Mapping, Tuple
+
+import numpy as np
+
+#: Canonical modality names, in the channel order the converter writes.
+MODALITIES: Tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
+
+MODALITY_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "T1": ("t1", "t1n", "t1w", "t1native", "native"),
+    "T1ce": ("t1ce", "t1c", "t1gd", "t1post", "t1-ce", "t1_ce", "t1contrast"),
+    "T2": ("t2", "t2w"),
+    "FLAIR": ("flair", "t2f", "t2flair", "t2-flair"),
+}
+_ALIAS_TO_CANONICAL = {alias: name for name, aliases in MODALITY_ALIASES.items() for alias in aliases}
+
+#: nnU-Net label values (nnU-Net's BraTS convention).
+NNUNET_LABELS: Dict[str, int] = {"background": 0, "edema": 1, "necrosis": 2, "enhancing": 3}
+
+#: Region definitions in nnU-Net labels; the order is regions_class_order (1, 2, 3).
+REGIONS: Dict[str, Tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
+
+#: Release label value -> nnU-Net label value.
+RELEASE_TO_NNUNET: Dict[str, Dict[int, int]] = {
+    "brats2021": {0: 0, 1: 2, 2: 1, 4: 3},  # 2018-2021: 1 NCR, 2 ED, 4 ET
+    "brats2023": {0: 0, 1: 2, 2: 1, 3: 3},  # 2023+ GLI: 1 NCR, 2 ED, 3 ET
+    "msd": {0: 0, 1: 1, 2: 2, 3: 3},  # Task01: 1 edema, 2 non-enhancing, 3 enhancing
+}
+
+
+def canonical_modality(name: str) -> str:
+    """Return the canonical modality name (``T1``, ``T1ce``, ``T2``, ``FLAIR``) for ``name``.
+
+    Raises ValueError naming the unknown modality and the accepted names.
+    """
+    key = str(name).strip().lower().replace(" ", "")
+    if key in _ALIAS_TO_CANONICAL:
+        return _ALIAS_TO_CANONICAL[key]
+    accepted = ", ".join(f"{k} ({'/'.join(v)})" for k, v in MODALITY_ALIASES.items())
+    raise ValueError(f"unknown MRI modality {name!r}; accepted names: {accepted}")
+
+
+def channel_index(channel_names: Mapping[str, str], modality: str) -> int:
+    """Index of ``modality`` in a dataset.json ``channel_names`` mapping, found by name with aliases."""
+    wanted = canonical_modality(modality)
+    matches = []
+    for idx, name in channel_names.items():
+        try:
+            if canonical_modality(name) == wanted:
+                matches.append(int(idx))
+        except ValueError:
+            continue
+    if len(matches) != 1:
+        raise ValueError(
+            f"dataset.json channel_names {dict(channel_names)} has {len(matches)} channels for modality "
+            f"{wanted!r}; exactly one is needed"
+        )
+    return matches[0]
+
+
+def channel_indices(channel_names: Mapping[str, str], modalities: Iterable[str]) -> List[int]:
+    """Indices of several modalities in ``channel_names``, in the order given."""
+    return [channel_index(channel_names, m) for m in modalities]
+
+
+def dataset_modalities(channel_names: Mapping[str, str]) -> List[str]:
+    """Canonical modality names of all channels, in channel order."""
+    return [canonical_modality(channel_names[k]) for k in sorted(channel_names, key=int)]
+
+
+def release_labels(convention: str) -> Tuple[int, ...]:
+    """The label values allowed in segmentations of a release convention."""
+    return tuple(sorted(RELEASE_TO_NNUNET[convention]))
+
+
+def map_labels(seg: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
+    """Map label values with a lookup table. Values absent from ``mapping`` raise ValueError."""
+    present = np.unique(seg)
+    unknown = sorted(set(int(v) for v in present) - set(mapping))
+    if unknown:
+        raise ValueError(f"label values {unknown} are not in the allowed set {sorted(mapping)}")
+    out = np.zeros(seg.shape, dtype=np.uint8)
+    for src, dst in mapping.items():
+        if dst != 0:
+            out[seg == src] = dst
+    return out
+
+
+def nnunet_to_release(seg: np.ndarray, convention: str) -> np.ndarray:
+    """Map nnU-Net labels (1 ED, 2 NCR, 3 ET) back to a release's labels."""
+    inverse = {v: k for k, v in RELEASE_TO_NNUNET[convention].items()}
+    return map_labels(seg, inverse)
+
+
+def region_masks(seg: np.ndarray) -> Dict[str, np.ndarray]:
+    """Boolean WT/TC/ET masks from a segmentation in nnU-Net labels."""
+    return {name: np.isin(seg, members) for name, members in REGIONS.items()}

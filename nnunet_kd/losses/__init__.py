@@ -1,0 +1,1 @@
+"""Loss and fusion modules of the distillation methods, usable without a trainer."""

@@ -1,0 +1,63 @@
+"""Exponential moving average ("momentum") teacher update for MGSD."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["unwrap_model", "ema_update"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, momentum: float, ema_buffers: bool = False) -> None:
+    """In-place EMA of ``model`` into ``ema_model``.
+
+    Floating parameters: ``ema_p = momentum * ema_p + (1 - momentum) * p``
+    (momentum 0 copies, momentum 1 keeps; both are done exactly, without arithmetic).
+    Non-floating parameters are copied.
+    Buffers: copied (default; e.g. BatchNorm running statistics follow the student),
+    or, with ``ema_buffers=True``, floating buffers are averaged like parameters.
+    Integer buffers such as ``num_batches_tracked`` are always copied.
+
+    Either module may be wrapped (DDP, DataParallel, torch.compile): both are
+    unwrapped first, so the usual ``ema = deepcopy(unwrapped_network)`` paired with
+    the (possibly wrapped) training network works. Parameter and buffer names of the
+    unwrapped modules must match (ValueError otherwise).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    ema_model, model = unwrap_model(ema_model), unwrap_model(model)
+    ema_params, params = dict(ema_model.named_parameters()), dict(model.named_parameters())
+    ema_bufs, bufs = dict(ema_model.named_buffers()), dict(model.named_buffers())
+    if ema_params.keys() != params.keys() or ema_bufs.keys() != bufs.keys():
+        raise ValueError("ema_model and model have different parameter/buffer names")
+
+    def _blend(dst: torch.Tensor, src: torch.Tensor) -> None:
+        if dst.shape != src.shape:
+            raise ValueError(f"shape mismatch: {tuple(dst.shape)} vs {tuple(src.shape)}")
+        src = src.detach().to(device=dst.device, dtype=dst.dtype)
+        if not dst.is_floating_point() or momentum == 0.0:
+            dst.copy_(src)
+        elif momentum != 1.0:
+            # Written as the formula (two products and a sum), so it matches a manual computation exactly.
+            dst.copy_(dst * momentum + src * (1.0 - momentum))
+
+    for name, p in params.items():
+        _blend(ema_params[name], p)
+    for name, b in bufs.items():
+        if ema_buffers and ema_bufs[name].is_floating_point():
+            _blend(ema_bufs[name], b)
+        else:
+            if ema_bufs[name].shape != b.shape:
+                raise ValueError(f"buffer {name}: shape mismatch {tuple(ema_bufs[name].shape)} vs {tuple(b.shape)}")
+            ema_bufs[name].copy_(b.detach())

@@ -1,0 +1,99 @@
+"""Feature-level distillation of MGSD: multi-view (axis-profile) consistency."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["axis_profiles", "mix_normalise", "MultiViewConsistencyLoss"]
+
+
+def axis_profiles(x: torch.Tensor) -> list[torch.Tensor]:
+    """Average-pool features to one 1-D profile per spatial axis.
+
+    x: (B, C, *spatial) with n spatial axes. Returns n tensors, the i-th of shape
+    (B, C, spatial[i]): the mean over all other spatial axes (for 3-D (D, H, W):
+    axial (B, C, D), coronal (B, C, H), sagittal (B, C, W)). Accumulated in float32.
+    """
+    n = x.ndim - 2
+    if n < 1:
+        raise ValueError(f"expected (B, C, *spatial), got shape {tuple(x.shape)}")
+    out = []
+    for axis in range(n):
+        other = tuple(2 + a for a in range(n) if a != axis)
+        out.append(x.mean(dim=other, dtype=torch.float32) if other else x.float())
+    return out
+
+
+def mix_normalise(x: torch.Tensor, gamma: float, eps: float = 1e-6) -> torch.Tensor:
+    """``gamma * x + (1 - gamma) * x / (||x||_2 + eps)`` with the L2 norm over channels.
+
+    x: (B, C, L). The norm is taken at each profile position over the C channels
+    (shape (B, 1, L)), so every position keeps a gamma share of its raw value and
+    gets a (1 - gamma) share of its unit-length direction. Returns (B, C, L).
+    """
+    norm = torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True)
+    return gamma * x + (1.0 - gamma) * x / (norm + eps)
+
+
+class MultiViewConsistencyLoss(nn.Module):
+    """Multi-view consistency: masked-pass features are pulled towards full-pass features.
+
+    For each stage s, features (B, C_s, *spatial_s) of both passes are turned into
+    axis profiles (see :func:`axis_profiles`), each profile is normalised with
+    :func:`mix_normalise` and projected by a per-stage ``Conv1d(C_s, projection_dim,
+    kernel_size)`` applied to each axis profile separately (zero padding per profile,
+    so a kernel of 3 never mixes the end of one axis with the start of the next);
+    the projections are concatenated along length -> (B, projection_dim, sum(spatial_s)).
+    Loss_s = MSE(masked projection, full projection); the total is the sum over stages.
+
+    Distillation direction: the full pass is the teacher. Its features are detached
+    and its projection is computed without gradient (stop-gradient target), so the
+    loss trains the masked pass and the projection only through the student side.
+    This also avoids the trivial solution where a shared projection shrinks both
+    sides towards each other. Add this module's parameters to the optimizer to train
+    the projections (otherwise they act as fixed random projections).
+
+    Works for any number of spatial axes (2-D and 3-D), any (odd) sizes and under
+    autocast (profiles, normalisation and MSE run in float32).
+    """
+
+    def __init__(self, channels_per_stage: Sequence[int], projection_dim: int = 64, gamma: float = 0.7,
+                 kernel_size: int = 3, eps: float = 1e-6) -> None:
+        super().__init__()
+        if len(channels_per_stage) == 0:
+            raise ValueError("channels_per_stage must not be empty")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd (length-preserving), got {kernel_size}")
+        self.channels_per_stage = [int(c) for c in channels_per_stage]
+        self.gamma = float(gamma)
+        self.eps = float(eps)
+        self.projections = nn.ModuleList(
+            nn.Conv1d(c, projection_dim, kernel_size, padding=kernel_size // 2) for c in self.channels_per_stage
+        )
+
+    def _project(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_s, *spatial) -> (B, projection_dim, sum(spatial))."""
+        proj = self.projections[stage]
+        views = [proj(mix_normalise(p, self.gamma, self.eps)) for p in axis_profiles(x)]
+        return torch.cat(views, dim=2)
+
+    def forward(self, full_features: Sequence[torch.Tensor], masked_features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """full_features / masked_features: one (B, C_s, *spatial_s) tensor per stage -> scalar (float32)."""
+        n = len(self.channels_per_stage)
+        if len(full_features) != n or len(masked_features) != n:
+            raise ValueError(f"expected {n} stages, got {len(full_features)} full and {len(masked_features)} masked")
+        total = None
+        for s, (f, m) in enumerate(zip(full_features, masked_features)):
+            if f.shape != m.shape:
+                raise ValueError(f"stage {s}: full {tuple(f.shape)} vs masked {tuple(m.shape)}")
+            if f.ndim < 3 or f.shape[1] != self.channels_per_stage[s]:
+                raise ValueError(f"stage {s}: expected (B, {self.channels_per_stage[s]}, *spatial), got {tuple(f.shape)}")
+            with torch.no_grad():
+                target = self._project(s, f.detach())
+            pred = self._project(s, m)
+            loss = F.mse_loss(pred.float(), target.float())
+            total = loss if total is None else total + loss
+        return total

@@ -1,0 +1,51 @@
+"""dataset.json and plans.json for a model that sees only some of the dataset's channels.
+
+``nnUNetv2_predict`` rebuilds the network with ``len(channel_names)`` input channels and
+preprocesses each channel with the per-channel lists of the plans, so a student model
+folder must hold versions of both files cut to the student's channels.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from typing import Any, Dict, Sequence
+
+
+def subset_dataset_json(dataset_json: Dict[str, Any], channels: Sequence[int]) -> Dict[str, Any]:
+    """dataset.json whose ``channel_names`` hold only ``channels``, renumbered from 0."""
+    out = copy.deepcopy(dataset_json)
+    key = "channel_names" if "channel_names" in out else "modality"
+    names = out[key]
+    out[key] = {str(new): names[str(old)] for new, old in enumerate(channels)}
+    return out
+
+
+def subset_plans(plans: Dict[str, Any], channels: Sequence[int]) -> Dict[str, Any]:
+    """plans.json whose per-channel entries (normalisation, mask flags, intensity properties) keep only ``channels``."""
+    out = copy.deepcopy(plans)
+    props = out.get("foreground_intensity_properties_per_channel")
+    if props is not None:
+        out["foreground_intensity_properties_per_channel"] = {
+            str(new): props[str(old)] for new, old in enumerate(channels)
+        }
+    for config in out["configurations"].values():
+        for key in ("normalization_schemes", "use_mask_for_norm"):
+            if key in config:
+                config[key] = [config[key][old] for old in channels]
+    return out
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=4, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,379 @@
+"""MTCM-KD: multi-teacher cross-modal distillation into a single-modality student.
+
+The student (``self.network``) is nnU-Net's planned network on one channel (T1ce by
+default). Teachers use the same planned architecture on other channels and train
+online, with their own optimiser, together with the CDSFL fusion module. The student
+learns from the ground truth, from the teachers' outputs (performance-aware response
+KD) and from the fused CDSFL output at the CDSFL deep-supervision levels.
+See ../shared/docs/METHODS.md and docs/methods.md for the exact losses.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import autocast, nn
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_kd.brats import MODALITIES, canonical_modality, channel_indices
+from nnunet_kd.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
+from nnunet_kd.losses.cdsfl import CDSFL
+from nnunet_kd.losses.kd import response_kd_loss
+from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
+from nnunet_kd.model_folder import atomic_write_json, subset_dataset_json, subset_plans
+from nnunet_kd.training_utils import (apply_budget_overrides, atomic_torch_save, clip_gradients,
+                                      sgd_with_poly_lr)
+
+
+class nnUNetTrainerMTCMKD(nnUNetTrainer):
+    """MTCM-KD with a T1ce student and three unimodal teachers (T1, T2, FLAIR), trained online."""
+
+    student_modality: str = "T1ce"
+    #: One tuple of modality names per teacher.
+    teacher_modalities: Tuple[Tuple[str, ...], ...] = (("T1",), ("T2",), ("FLAIR",))
+    #: Deep-supervision levels used by CDSFL (0 = full resolution). The paper uses the half-resolution level.
+    cdsfl_levels: Tuple[int, ...] = (1,)
+    cdsfl_reduction: int = 16
+    #: Teacher loss = sum of teacher seg losses + cdsfl_loss_weight * CDSFL seg loss.
+    cdsfl_loss_weight: float = 0.08
+    #: Sum of the performance-aware KD weights (0.15 in the reference run).
+    kd_total_weight: float = 0.15
+    #: Per-teacher KD weight before the first performance measurement (reference: 0.1).
+    initial_kd_weight: float = 0.1
+    #: KD starts in this epoch ("after the first epoch" in the paper).
+    kd_start_epoch: int = 1
+    #: Temperature of the response KD. The reference uses T = 20 and multiplies the KL by T (power 1).
+    #: We keep both: with T^2 the KD term approaches logit matching and, at the reference KD weights,
+    #: outweighs nnU-Net's Dice + CE loss by an order of magnitude.
+    kd_temperature: float = 20.0
+    kd_temperature_power: int = 1
+    #: Student loss weights (METHODS.md): 0.75 seg + sum_i w_i KD_i + 0.10 (0.7 DS seg + 0.3 DS KD).
+    student_seg_weight: float = 0.75
+    student_ds_weight: float = 0.10
+    student_ds_seg_fraction: float = 0.7
+    student_ds_kd_fraction: float = 0.3
+    #: True: teachers come from pretrained checkpoints and stay frozen (see nnUNetTrainerMTCMKD_FrozenTeachers).
+    freeze_teachers: bool = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_budget_overrides(self)
+        channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
+        try:
+            self.student_channels = channel_indices(channel_names, [self.student_modality])
+            self.teacher_channels = [channel_indices(channel_names, mods) for mods in self.teacher_modalities]
+        except ValueError as e:
+            raise ValueError(f"{self.__class__.__name__}: the dataset's dataset.json cannot serve this trainer: {e}. "
+                             f"Convert the dataset with all of {', '.join(MODALITIES)} "
+                             f"(nnunet_kd_convert_brats).") from None
+        self.student_dataset_json = subset_dataset_json(dataset_json, self.student_channels)
+        self.teachers: List[nn.Module] = []
+        self.teacher_taps: List[FeatureTap] = []
+        self.cdsfl = None
+        self.teacher_optimizer = self.teacher_lr_scheduler = None
+        self.performance_tracker = PerformanceTracker(len(self.teacher_channels))
+        self.performance_weights = torch.full((len(self.teacher_channels),), float(self.initial_kd_weight),
+                                              dtype=torch.float64)
+        self.kd_history: List[dict] = []
+        self._val_aux: Dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError("initialize called twice")
+        if not self.enable_deep_supervision:
+            raise RuntimeError(f"{self.__class__.__name__} needs deep supervision (CDSFL works on its levels)")
+        # The base class sizes self.network from dataset.json: hand it the student's one-channel view.
+        full_dataset_json = self.dataset_json
+        self.dataset_json = self.student_dataset_json
+        try:
+            super().initialize()
+        finally:
+            self.dataset_json = full_dataset_json
+        num_levels = len(unwrap_network(self.network).decoder.stages)
+        bad = [lvl for lvl in self.cdsfl_levels if not 0 <= lvl < num_levels - 1]
+        if bad:
+            raise ValueError(f"cdsfl_levels {bad} are not usable deep-supervision levels of this plan "
+                             f"(0..{num_levels - 2}; the lowest level has loss weight 0)")
+        teachers = self._build_teachers()
+        self.teacher_taps = [FeatureTap(t, self.cdsfl_levels) for t in teachers]
+        channels = {lvl: [decoder_channels(t, lvl) for t in teachers] for lvl in self.cdsfl_levels}
+        self.cdsfl = CDSFL(self.cdsfl_levels, channels, self.label_manager.num_segmentation_heads,
+                           conv_op=unwrap_network(self.network).encoder.conv_op,
+                           reduction=self.cdsfl_reduction).to(self.device)
+        if self._do_i_compile():
+            teachers = [torch.compile(t) for t in teachers]
+        trainable = list(self.cdsfl.parameters())
+        if not self.freeze_teachers:
+            for t in teachers:
+                trainable += list(t.parameters())
+        self.teacher_optimizer, self.teacher_lr_scheduler = sgd_with_poly_lr(trainable, self)
+        if self.is_ddp:
+            # DDP broadcasts rank 0's weights at wrap time, so all ranks start from the same teachers.
+            if not self.freeze_teachers:
+                teachers = [DDP(t, device_ids=[self.local_rank]) for t in teachers]
+            self.cdsfl = DDP(self.cdsfl, device_ids=[self.local_rank])
+        self.teachers = teachers
+        self.print_to_log_file(
+            f"MTCM-KD: student {self.student_modality} (channel {self.student_channels}), teachers "
+            f"{[list(m) for m in self.teacher_modalities]} (channels {self.teacher_channels}), CDSFL levels "
+            f"{list(self.cdsfl_levels)}, frozen teachers: {self.freeze_teachers}")
+
+    def _build_teachers(self) -> List[nn.Module]:
+        """The teachers: nnU-Net's planned architecture on each teacher's channels."""
+        return [self.build_network_architecture(self.plans_manager, self.configuration_manager, len(channels),
+                                                self.label_manager.num_segmentation_heads,
+                                                self.enable_deep_supervision).to(self.device)
+                for channels in self.teacher_channels]
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        unwrap_network(self.network).decoder.deep_supervision = enabled
+
+    def on_train_start(self):
+        super().on_train_start()
+        # Stock nnUNetv2_predict rebuilds the network from these two files: describe the one-channel student.
+        if self.local_rank == 0:
+            atomic_write_json(subset_plans(self.plans_manager.plans, self.student_channels),
+                              os.path.join(self.output_folder_base, "plans.json"))
+            atomic_write_json(self.student_dataset_json, os.path.join(self.output_folder_base, "dataset.json"))
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        for t in self.teachers:
+            t.train(not self.freeze_teachers)
+        self.cdsfl.train()
+        self.teacher_lr_scheduler.step(self.current_epoch)
+        self.performance_tracker.reset()
+        self.print_to_log_file(f"KD weights this epoch: {np.round(self.performance_weights.numpy(), 4).tolist()}"
+                               f"{'' if self.kd_active else ' (KD not started yet)'}")
+
+    @property
+    def kd_active(self) -> bool:
+        return self.current_epoch >= self.kd_start_epoch
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    # ------------------------------------------------------------------ forward passes
+    def _teacher_forward(self, data: torch.Tensor) -> Tuple[List[List[torch.Tensor]], Dict[int, torch.Tensor]]:
+        """Teacher outputs (one deep-supervision list each) and the fused CDSFL logits per level."""
+        outputs, features = [], {lvl: [] for lvl in self.cdsfl_levels}
+        with torch.no_grad() if self.freeze_teachers else dummy_context():
+            for teacher, tap, channels in zip(self.teachers, self.teacher_taps, self.teacher_channels):
+                outputs.append(teacher(data[:, channels]))
+                for lvl, feat in tap.take()["decoder"].items():
+                    features[lvl].append(feat)
+        return outputs, self.cdsfl(features)
+
+    def _teacher_loss(self, outputs, fused, target) -> torch.Tensor:
+        cdsfl_loss = sum(self.loss.loss(fused[lvl], target[lvl]) for lvl in self.cdsfl_levels)
+        if self.freeze_teachers:
+            return self.cdsfl_loss_weight * cdsfl_loss
+        return sum(self.loss(o, target) for o in outputs) + self.cdsfl_loss_weight * cdsfl_loss
+
+    def _kd(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return response_kd_loss(student_logits, teacher_logits, self.kd_temperature,
+                                self.label_manager.has_regions, self.kd_temperature_power)
+
+    def _student_loss(self, student_out, teacher_outputs, fused, target) -> torch.Tensor:
+        loss = self.student_seg_weight * self.loss(student_out, target)
+        ds_term = 0.
+        for lvl in self.cdsfl_levels:
+            ds_term = ds_term + self.student_ds_seg_fraction * self.loss.loss(student_out[lvl], target[lvl])
+            if self.kd_active:
+                ds_term = ds_term + self.student_ds_kd_fraction * self._kd(student_out[lvl], fused[lvl])
+        loss = loss + self.student_ds_weight * ds_term
+        if self.kd_active:
+            for weight, t_out in zip(self.performance_weights.tolist(), teacher_outputs):
+                loss = loss + weight * self._kd(student_out[0], t_out[0])
+        return loss
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.teacher_optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            teacher_outputs, fused = self._teacher_forward(data)
+            teacher_loss = self._teacher_loss(teacher_outputs, fused, target)
+            student_out = self.network(data[:, self.student_channels])
+            student_loss = self._student_loss(student_out, teacher_outputs, fused, target)
+        # Teacher logits enter the student loss detached, so one backward pass trains both sides separately.
+        total = teacher_loss + student_loss
+        trainable_teachers = [] if self.freeze_teachers else self.teachers
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            self.grad_scaler.unscale_(self.teacher_optimizer)
+        else:
+            total.backward()
+        for net in [self.network, self.cdsfl] + trainable_teachers:
+            clip_gradients(net.parameters(), 12)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.step(self.teacher_optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+            self.teacher_optimizer.step()
+        for i, t_out in enumerate(teacher_outputs):
+            self.performance_tracker.update(i, whole_tumour_stats(t_out[0].detach(), target[0],
+                                                                  self.label_manager.has_regions,
+                                                                  self._wt_channel()))
+        return {"loss": student_loss.detach().cpu().numpy(), "teacher_loss": teacher_loss.detach().cpu().numpy()}
+
+    def _wt_channel(self) -> int:
+        """Output channel of the whole-tumour region (the region that contains every foreground label)."""
+        if not self.label_manager.has_regions:
+            return 0
+        regions = [tuple(np.atleast_1d(r)) for r in self.label_manager.foreground_regions]
+        return int(np.argmax([len(r) for r in regions]))
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        teacher_loss = np.mean([o["teacher_loss"] for o in train_outputs])
+        if self.is_ddp:
+            t = torch.tensor([teacher_loss], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            teacher_loss = float(t.item() / dist.get_world_size())
+        # Sum the epoch's teacher statistics over all ranks so every rank derives the same weights.
+        self.performance_tracker.all_reduce()
+        teacher_dice = self.performance_tracker.dice()
+        self.performance_weights = self.performance_tracker.compute_weights(self.kd_total_weight).double().cpu()
+        self.kd_history.append({"epoch": self.current_epoch, "teacher_loss": float(teacher_loss),
+                                "teacher_train_wt_dice": teacher_dice.tolist(),
+                                "next_kd_weights": self.performance_weights.tolist()})
+        self.print_to_log_file(f"teacher loss {np.round(teacher_loss, 4)}, teacher train WT Dice "
+                               f"{np.round(teacher_dice.numpy(), 4).tolist()}, KD weights for next epoch "
+                               f"{np.round(self.performance_weights.numpy(), 4).tolist()}")
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        for t in self.teachers:
+            t.eval()
+        self.cdsfl.eval()
+
+    def validation_step(self, batch: dict) -> dict:
+        data = batch["data"]
+        result = super().validation_step({**batch, "data": data[:, self.student_channels]})
+        data = data.to(self.device, non_blocking=True)
+        target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
+        with self._autocast():
+            teacher_outputs, fused = self._teacher_forward(data)
+        outputs = {f"teacher{i}": o[0] for i, o in enumerate(teacher_outputs)}
+        outputs.update({f"cdsfl{lvl}": fused[lvl] for lvl in self.cdsfl_levels})
+        for name, logits in outputs.items():
+            lvl = int(name[5:]) if name.startswith("cdsfl") else 0
+            result[f"{name}_stats"] = self._hard_stats(logits, target[lvl])
+        return result
+
+    def _hard_stats(self, logits: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+        """(3, classes) array of tp, fp, fn per foreground region/label, as nnU-Net's pseudo Dice counts them."""
+        axes = [0] + list(range(2, logits.ndim))
+        if self.label_manager.has_regions:
+            pred = (torch.sigmoid(logits.float()) > 0.5).long()
+        else:
+            pred = torch.zeros_like(logits, dtype=torch.float32)
+            pred.scatter_(1, logits.argmax(1, keepdim=True), 1)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(pred, target, axes=axes)
+        stats = torch.stack([tp, fp, fn]).detach().cpu().numpy().astype(np.float64)
+        return stats if self.label_manager.has_regions else stats[:, 1:]
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        keys = [k for k in val_outputs[0] if k.endswith("_stats")]
+        summary = {}
+        for k in keys:
+            stats = torch.as_tensor(np.sum([o[k] for o in val_outputs], 0), dtype=torch.float64, device=self.device)
+            if self.is_ddp:
+                dist.all_reduce(stats)
+            tp, fp, fn = stats.cpu().numpy()
+            dice = 2 * tp / np.clip(2 * tp + fp + fn, 1e-8, None)
+            summary[k[:-6]] = dice.tolist()
+        names = {f"teacher{i}": "+".join(m) for i, m in enumerate(self.teacher_modalities)}
+        self.print_to_log_file("Pseudo dice of teachers and CDSFL: " + ", ".join(
+            f"{names.get(k, k)} {np.round(v, 4).tolist()}" for k, v in summary.items()))
+        if self.kd_history and self.kd_history[-1]["epoch"] == self.current_epoch:
+            self.kd_history[-1]["val_pseudo_dice"] = summary
+
+    # ------------------------------------------------------------------ validation and checkpoints
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # nnU-Net hands all preprocessed channels to self.network: let the student see only its own.
+        student = self.network
+        self.network = InputChannelSelector(student, self.student_channels)
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.network = student
+
+    def _kd_state(self) -> dict:
+        return {
+            "student_modality": self.student_modality,
+            "teacher_modalities": [list(m) for m in self.teacher_modalities],
+            "teacher_weights": [unwrap_network(t).state_dict() for t in self.teachers],
+            "cdsfl_weights": unwrap_network(self.cdsfl).state_dict(),
+            "teacher_optimizer_state": self.teacher_optimizer.state_dict(),
+            "performance_weights": self.performance_weights.clone(),
+            "performance_tracker": self.performance_tracker.state_dict(),
+            "kd_history": self.kd_history,
+        }
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint["kd_state"] = self._kd_state()
+            atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        state = checkpoint.get("kd_state")
+        if state is None:
+            raise RuntimeError(f"checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''} "
+                               f"has no MTCM-KD state (teachers, CDSFL); it was not written by "
+                               f"{self.__class__.__name__}")
+        if [list(m) for m in self.teacher_modalities] != state["teacher_modalities"]:
+            raise RuntimeError(f"checkpoint teachers {state['teacher_modalities']} differ from this trainer's "
+                               f"{[list(m) for m in self.teacher_modalities]}")
+        for teacher, weights in zip(self.teachers, state["teacher_weights"]):
+            unwrap_network(teacher).load_state_dict(weights)
+        unwrap_network(self.cdsfl).load_state_dict(state["cdsfl_weights"])
+        self.teacher_optimizer.load_state_dict(state["teacher_optimizer_state"])
+        self.performance_weights = state["performance_weights"].double().cpu()
+        self.performance_tracker.load_state_dict(state["performance_tracker"])
+        self.kd_history = list(state["kd_history"])
+
+
+class nnUNetTrainerMTCMKD_T1(nnUNetTrainerMTCMKD):
+    """MTCM-KD with a T1 student (the paper's second setting); teachers on T1ce, T2 and FLAIR."""
+
+    student_modality = "T1"
+    teacher_modalities = (("T1ce",), ("T2",), ("FLAIR",))
+
+
+class nnUNetTrainerMTCMKD_MultimodalTeacher(nnUNetTrainerMTCMKD):
+    """One teacher that sees all four modalities, distilled into the T1ce student."""
+
+    teacher_modalities = (("T1", "T1ce", "T2", "FLAIR"),)
+
+
+class nnUNetTrainerMTCMKD_AllLevels(nnUNetTrainerMTCMKD):
+    """CDSFL at every deep-supervision level that carries loss weight (not only half resolution)."""
+
+    cdsfl_levels = (1, 2, 3)
+
+    def initialize(self):
+        num_levels = len(self.configuration_manager.pool_op_kernel_sizes)
+        self.cdsfl_levels = tuple(range(1, num_levels - 1))
+        super().initialize()

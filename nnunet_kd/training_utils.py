@@ -1,0 +1,79 @@
+"""Small pieces shared by the plugin's trainers (kept outside nnunet_kd/trainers/, which nnU-Net scans)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Iterable
+
+import torch
+from torch import distributed as dist
+from torch import nn
+
+#: Environment variables that shorten training (tests, demos, studies): name -> trainer attribute.
+BUDGET_ENV = {
+    "nnUNet_kd_num_epochs": "num_epochs",
+    "nnUNet_kd_iterations_per_epoch": "num_iterations_per_epoch",
+    "nnUNet_kd_val_iterations": "num_val_iterations_per_epoch",
+}
+
+
+def apply_budget_overrides(trainer: Any) -> None:
+    """Set epochs / iterations from ``nnUNet_kd_*`` environment variables when present.
+
+    nnUNetv2_train passes no trainer options, so like nnU-Net's ``nnUNet_compile`` the
+    budget comes from the environment. Bad values raise a ValueError naming the variable.
+    """
+    for env_name, attribute in BUDGET_ENV.items():
+        raw = os.environ.get(env_name)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"environment variable {env_name}={raw!r} must be a positive integer") from None
+        if value < 1:
+            raise ValueError(f"environment variable {env_name}={raw!r} must be a positive integer")
+        setattr(trainer, attribute, value)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Make parameters and buffers of ``module`` identical on all ranks (copied from rank ``src``)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float = 12.0) -> None:
+    """nnU-Net's gradient clipping (norm 12), applied to one network's parameters."""
+    params = [p for p in parameters if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def sgd_with_poly_lr(parameters: Iterable[torch.nn.Parameter], trainer: Any):
+    """nnU-Net's optimiser and schedule (SGD, Nesterov 0.99, poly decay) for auxiliary networks."""
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+    optimizer = torch.optim.SGD(list(parameters), trainer.initial_lr, weight_decay=trainer.weight_decay,
+                                momentum=0.99, nesterov=True)
+    return optimizer, PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nnunet-kd",
+    version="0.1.0",
+    description="Knowledge distillation for brain-tumour MRI segmentation as nnU-Net v2 trainers "
+                "(MTCM-KD, MGSD), with a BraTS converter for every release.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nnunet_kd", "nnunet_kd.*"]),
+    install_requires=[
+        "nnunetv2==2.8.1",
+        "torch>=2.1",
+        # timm (pulled by nnunetv2) imports torchvision; it must match the installed torch build.
+        "torchvision",
+        "SimpleITK>=2.2",
+        "batchgenerators>=0.25",
+        "dynamic-network-architectures>=0.4",
+        "numpy>=1.24",
+        "tqdm",
+        "matplotlib",
+        "MedPy>=0.5",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "nnunet_kd_demo=nnunet_kd.demo:main",
+            "nnunet_kd_env=nnunet_kd.paths:main",
+            "nnunet_kd_synthetic=nnunet_kd.synthetic:main",
+            "nnunet_kd_convert_brats=nnunet_kd.convert_brats:main",
+            "nnunet_kd_predict=nnunet_kd.predict:main",
+            "nnunet_kd_evaluate=nnunet_kd.evaluation:main",
+            "nnunet_kd_evaluate_missing=nnunet_kd.evaluate_missing:main",
+        ]
+    },
+)
