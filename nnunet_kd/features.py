@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 def unwrap_network(network: nn.Module) -> nn.Module:
     """Strip DDP, torch.compile and our input wrappers to reach the U-Net itself."""
     while True:
-        if isinstance(network, DistributedDataParallel) or isinstance(network, InputChannelSelector):
+        if isinstance(network, (DistributedDataParallel, nn.DataParallel, InputChannelSelector)):
             network = network.module
         elif isinstance(network, OptimizedModule):
             network = network._orig_mod

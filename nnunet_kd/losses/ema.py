@@ -4,18 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "ema_update"]
+from nnunet_kd.features import unwrap_network
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+__all__ = ["ema_update"]
 
 
 @torch.no_grad()
@@ -36,7 +27,7 @@ def ema_update(ema_model: nn.Module, model: nn.Module, momentum: float, ema_buff
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    ema_model, model = unwrap_model(ema_model), unwrap_model(model)
+    ema_model, model = unwrap_network(ema_model), unwrap_network(model)
     ema_params, params = dict(ema_model.named_parameters()), dict(model.named_parameters())
     ema_bufs, bufs = dict(ema_model.named_buffers()), dict(model.named_buffers())
     if ema_params.keys() != params.keys() or ema_bufs.keys() != bufs.keys():

@@ -10,14 +10,14 @@
 Nothing here depends on a patch size or on the dataset's channel order.
 """
 from nnunet_kd.losses.discriminator import StyleDiscriminator, discriminator_loss, generator_adversarial_loss
-from nnunet_kd.losses.ema import ema_update, unwrap_model
+from nnunet_kd.losses.ema import ema_update
 from nnunet_kd.losses.modality_mask import all_modality_subsets, apply_modality_mask, sample_modality_masks
 from nnunet_kd.losses.multiview import MultiViewConsistencyLoss, axis_profiles, mix_normalise
 from nnunet_kd.losses.mutual_attention import CrossAttentionBlock, ModalityTokenizer, MutualAwareAttention
 
 __all__ = [
     "sample_modality_masks", "all_modality_subsets", "apply_modality_mask",
-    "ema_update", "unwrap_model",
+    "ema_update",
     "MultiViewConsistencyLoss", "axis_profiles", "mix_normalise",
     "MutualAwareAttention", "CrossAttentionBlock", "ModalityTokenizer",
     "StyleDiscriminator", "discriminator_loss", "generator_adversarial_loss",

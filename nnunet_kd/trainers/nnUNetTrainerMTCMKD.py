@@ -18,11 +18,13 @@ from torch import autocast, nn
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_kd.brats import MODALITIES, canonical_modality, channel_indices
+from nnunet_kd.brats import MODALITIES, channel_indices, dataset_modalities
 from nnunet_kd.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
 from nnunet_kd.losses.cdsfl import CDSFL
 from nnunet_kd.losses.kd import response_kd_loss
@@ -168,7 +170,9 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
         outputs, features = [], {lvl: [] for lvl in self.cdsfl_levels}
         with torch.no_grad() if self.freeze_teachers else dummy_context():
             for teacher, tap, channels in zip(self.teachers, self.teacher_taps, self.teacher_channels):
-                outputs.append(teacher(data[:, channels]))
+                out = teacher(data[:, channels])
+                # Pretrained teachers run without deep supervision: only their full-resolution output exists.
+                outputs.append(out if isinstance(out, (list, tuple)) else [out])
                 for lvl, feat in tap.take()["decoder"].items():
                     features[lvl].append(feat)
         return outputs, self.cdsfl(features)
@@ -377,3 +381,83 @@ class nnUNetTrainerMTCMKD_AllLevels(nnUNetTrainerMTCMKD):
         num_levels = len(self.configuration_manager.pool_op_kernel_sizes)
         self.cdsfl_levels = tuple(range(1, num_levels - 1))
         super().initialize()
+
+
+class nnUNetTrainerMTCMKD_FrozenTeachers(nnUNetTrainerMTCMKD):
+    """Teachers loaded from trained nnU-Net models and kept frozen; only the student and CDSFL train.
+
+    The fast path for users who already have nnU-Net models. Name one model per teacher in
+    ``nnUNet_kd_teachers`` (separated by ``os.pathsep``): a checkpoint file, a ``fold_X`` folder or a
+    model folder holding plans.json, dataset.json and fold folders. Each teacher sees the channels its
+    own dataset.json names (matched by modality name), so unimodal and multimodal models both work.
+    The teacher models must share this plan's spacing and pooling (the same preprocessing and levels).
+    """
+
+    freeze_teachers = True
+    #: Teacher models; when empty, read from the environment variable ``nnUNet_kd_teachers``.
+    pretrained_teachers: Tuple[str, ...] = ()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        paths = list(self.pretrained_teachers) or \
+            [p for p in os.environ.get("nnUNet_kd_teachers", "").split(os.pathsep) if p.strip()]
+        if not paths:
+            raise ValueError(f"{self.__class__.__name__} needs pretrained teachers: set nnUNet_kd_teachers to "
+                             f"one or more nnU-Net model folders or checkpoints separated by '{os.pathsep}'")
+        self.teacher_sources = [resolve_teacher_checkpoint(p, fold) for p in paths]
+        self.teacher_modalities = tuple(tuple(dataset_modalities(load_json(os.path.join(model_dir, "dataset.json"))
+                                                                 ["channel_names"]))
+                                        for model_dir, _, _ in self.teacher_sources)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    def _build_teachers(self) -> List[nn.Module]:
+        teachers = []
+        for model_dir, fold_name, checkpoint_name in self.teacher_sources:
+            predictor = nnUNetPredictor(device=self.device, perform_everything_on_device=False, allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(model_dir, (fold_name,), checkpoint_name)
+            teacher_config = predictor.configuration_manager
+            if (teacher_config.pool_op_kernel_sizes != self.configuration_manager.pool_op_kernel_sizes
+                    or not np.allclose(teacher_config.spacing, self.configuration_manager.spacing)):
+                raise ValueError(f"teacher {model_dir} was planned with spacing {teacher_config.spacing} and pooling "
+                                 f"{teacher_config.pool_op_kernel_sizes}; this plan has spacing "
+                                 f"{self.configuration_manager.spacing} and pooling "
+                                 f"{self.configuration_manager.pool_op_kernel_sizes}")
+            if predictor.label_manager.num_segmentation_heads != self.label_manager.num_segmentation_heads or \
+                    predictor.label_manager.has_regions != self.label_manager.has_regions:
+                raise ValueError(f"teacher {model_dir} predicts different labels or regions than this dataset")
+            network = predictor.network
+            network.load_state_dict(predictor.list_of_parameters[0])
+            network.eval()
+            for p in network.parameters():
+                p.requires_grad_(False)
+            teachers.append(network.to(self.device))
+        return teachers
+
+
+def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
+    """(model folder, fold folder name without 'fold_', checkpoint file name) for a teacher given as a
+    checkpoint file, a fold folder or a model folder. Raises ValueError naming the path when it is none of these."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(path):
+        fold_dir, checkpoint_name = os.path.split(path)
+    elif os.path.isfile(os.path.join(path, "checkpoint_final.pth")):
+        fold_dir, checkpoint_name = path, "checkpoint_final.pth"
+    elif os.path.isfile(os.path.join(path, "plans.json")):
+        folds = sorted(d for d in os.listdir(path) if d.startswith("fold_")
+                       and os.path.isfile(os.path.join(path, d, "checkpoint_final.pth")))
+        preferred = f"fold_{fold}"
+        if not folds:
+            raise ValueError(f"teacher model folder {path} has no fold_*/checkpoint_final.pth")
+        fold_dir, checkpoint_name = os.path.join(path, preferred if preferred in folds else folds[0]), \
+            "checkpoint_final.pth"
+    else:
+        raise ValueError(f"teacher {path} is not a checkpoint file, a fold folder with checkpoint_final.pth, "
+                         f"or an nnU-Net model folder")
+    model_dir = os.path.dirname(fold_dir)
+    for name in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise ValueError(f"teacher {path}: {os.path.join(model_dir, name)} is missing")
+    fold_name = os.path.basename(fold_dir)
+    if not fold_name.startswith("fold_"):
+        raise ValueError(f"teacher checkpoint {path} must lie in a fold_X folder of an nnU-Net model folder")
+    return model_dir, fold_name[len("fold_"):], checkpoint_name

@@ -1,0 +1,16 @@
+"""Stock nnUNetTrainer whose epochs and iterations can be shortened through the environment.
+
+Only the training budget changes (``nnUNet_kd_num_epochs``, ``nnUNet_kd_iterations_per_epoch``,
+``nnUNet_kd_val_iterations``), so baselines get exactly the budget the distillation trainers get.
+"""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_kd.training_utils import apply_budget_overrides
+
+
+class nnUNetTrainerBudget(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_budget_overrides(self)

@@ -1,0 +1,275 @@
+"""MGSD: multi-granularity self distillation for segmentation from any subset of modalities.
+
+One network over all four channels. Each iteration it sees the full input and a
+masked input (one proper non-empty modality subset per sample, missing channels
+zeroed after normalisation). An EMA copy of the network, fed the full input, is the
+teacher. Distillation acts at three granularities:
+image (outputs towards the EMA output), feature (multi-view decoder profiles of the
+masked pass towards the full pass) and modality (mutual-aware attention on the
+bottleneck). See ../shared/docs/METHODS.md and docs/methods.md.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import autocast, nn
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_kd.brats import MODALITIES, channel_indices
+from nnunet_kd.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
+from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttention, StyleDiscriminator,
+                                   apply_modality_mask, discriminator_loss, ema_update,
+                                   generator_adversarial_loss, sample_modality_masks)
+from nnunet_kd.training_utils import apply_budget_overrides, atomic_torch_save, clip_gradients
+
+
+class nnUNetTrainerModalityDropout(nnUNetTrainer):
+    """Baseline for MGSD: the same full + randomly masked passes, supervised loss only.
+
+    It shares MGSD's masking and data path, so comparing the two isolates the distillation terms.
+    """
+
+    #: Modalities the masks draw from, found in dataset.json by name.
+    mask_modalities: Tuple[str, ...] = MODALITIES
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_budget_overrides(self)
+        channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
+        try:
+            self.modality_channels = channel_indices(channel_names, self.mask_modalities)
+        except ValueError as e:
+            raise ValueError(f"{self.__class__.__name__}: the dataset's dataset.json cannot serve this trainer: "
+                             f"{e}") from None
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def _two_pass_inputs(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Random per-sample availability masks (B, M) and the full + masked batch stacked to (2B, C, *s)."""
+        modality_mask = sample_modality_masks(data.shape[0], len(self.modality_channels), device=data.device)
+        masked = apply_modality_mask(data, modality_mask, self.modality_channels)
+        return modality_mask, torch.cat([data, masked], 0)
+
+    def _split(self, outputs: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Split stacked deep-supervision outputs (2B, ...) into the full and the masked pass."""
+        halves = [o.chunk(2, 0) for o in outputs]
+        return [h[0] for h in halves], [h[1] for h in halves]
+
+    def _backward_and_step(self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
+                           networks: Sequence[nn.Module]) -> None:
+        """nnU-Net's mixed-precision backward, clipping (norm 12 per network) and step, for several optimisers."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            for opt in optimizers:
+                self.grad_scaler.unscale_(opt)
+        else:
+            loss.backward()
+        for net in networks:
+            clip_gradients(net.parameters(), 12)
+        for opt in optimizers:
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(opt)
+            else:
+                opt.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        _, stacked = self._two_pass_inputs(data)
+        with self._autocast():
+            full_out, masked_out = self._split(self.network(stacked))
+            loss = self.loss(full_out, target) + self.loss(masked_out, target)
+        self._backward_and_step(loss, [self.optimizer], [self.network])
+        return {"loss": loss.detach().cpu().numpy()}
+
+
+class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
+    """Multi-granularity self distillation (image, feature and modality level) with an EMA teacher."""
+
+    #: EMA teacher: ema = momentum * ema + (1 - momentum) * network, after every optimiser step.
+    ema_momentum: float = 0.99
+    #: Loss weights. The reference uses 10 (image), 150 (modality) and 50 (feature) beside a supervised
+    #: term that sums one soft-Dice loss per region (WT, TC, ET). nnU-Net's Dice term averages over the
+    #: regions, so its supervised loss is a third of the reference's for the same segmentation quality;
+    #: dividing the reference weights by 3 keeps the reference's ratio of distillation to supervision.
+    image_kd_weight: float = 10.0 / 3
+    modality_kd_weight: float = 150.0 / 3
+    feature_kd_weight: float = 50.0 / 3
+    #: Deep-supervision levels whose decoder features enter the multi-view loss (0 = full resolution).
+    #: Plans with fewer levels use the ones they have.
+    feature_kd_levels: Tuple[int, ...] = (0, 1, 2)
+    multiview_projection_dim: int = 64
+    multiview_gamma: float = 0.7
+    attention_embed_dim: int = 64
+    attention_heads: int = 4
+    attention_token_grid: int = 4
+    present_weight: float = 0.6
+    missing_weight: float = 0.4
+    #: The attention and projection heads train with AdamW (transformer practice), with nnU-Net's poly decay.
+    aux_learning_rate: float = 3e-4
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ema_network = None
+        self.multiview = self.mutual_attention = None
+        self.aux_optimizer = self.aux_lr_scheduler = None
+        self.tap = None
+        self._term_sums: Dict[str, float] = {}
+
+    def initialize(self):
+        if not self.enable_deep_supervision:
+            raise RuntimeError(f"{self.__class__.__name__} needs deep supervision outputs")
+        super().initialize()
+        unet = unwrap_network(self.network)
+        num_levels = len(unet.decoder.stages)
+        self.feature_kd_levels = tuple(lvl for lvl in self.feature_kd_levels if lvl < num_levels)
+        self.tap = FeatureTap(unet, self.feature_kd_levels, bottleneck=True)
+        # After DDP wrapping all ranks hold rank 0's weights, so their EMA copies start (and stay) identical.
+        self.ema_network = copy.deepcopy(unet).eval()
+        for p in self.ema_network.parameters():
+            p.requires_grad_(False)
+        conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2
+        self.multiview = MultiViewConsistencyLoss([decoder_channels(unet, lvl) for lvl in self.feature_kd_levels],
+                                                  self.multiview_projection_dim, self.multiview_gamma).to(self.device)
+        self.mutual_attention = MutualAwareAttention(
+            bottleneck_channels(unet), len(self.modality_channels), self.attention_embed_dim, self.attention_heads,
+            self.attention_token_grid, conv_dim, self.present_weight, self.missing_weight).to(self.device)
+        self.aux_modules = nn.ModuleList([self.multiview, self.mutual_attention] + self._extra_aux_modules(unet))
+        self.aux_optimizer = torch.optim.AdamW(self.aux_modules.parameters(), self.aux_learning_rate,
+                                               weight_decay=self.weight_decay)
+        self.aux_lr_scheduler = PolyLRScheduler(self.aux_optimizer, self.aux_learning_rate, self.num_epochs)
+        if self.is_ddp:
+            self.aux_modules = DDP(self.aux_modules, device_ids=[self.local_rank])
+
+    def _extra_aux_modules(self, unet: nn.Module) -> List[nn.Module]:
+        return []
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.aux_modules.train()
+        self.aux_lr_scheduler.step(self.current_epoch)
+        self._term_sums = {}
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.label_manager.has_regions else torch.softmax(logits, 1)
+
+    def _image_kd(self, outputs: List[torch.Tensor], ema_outputs: List[torch.Tensor]) -> torch.Tensor:
+        """MSE between output and EMA probabilities, weighted over levels like nnU-Net's deep supervision."""
+        weights = self.loss.weight_factors
+        return sum(w * F.mse_loss(self._probabilities(o), self._probabilities(e))
+                   for w, o, e in zip(weights, outputs, ema_outputs) if w != 0)
+
+    def _distillation_terms(self, data, stacked, modality_mask, full_out, masked_out) -> Dict[str, torch.Tensor]:
+        features = self.tap.take()
+        with torch.no_grad():
+            ema_out = self.ema_network(data)
+        image = self._image_kd(full_out, ema_out) + self._image_kd(masked_out, ema_out)
+        decoder = [features["decoder"][lvl].chunk(2, 0) for lvl in self.feature_kd_levels]
+        bottleneck_full, bottleneck_masked = features["bottleneck"].chunk(2, 0)
+        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
+        feature = aux[0]([d[0] for d in decoder], [d[1] for d in decoder])
+        masked_data = stacked[data.shape[0]:]
+        modality = aux[1](bottleneck_full, bottleneck_masked, data[:, self.modality_channels],
+                          masked_data[:, self.modality_channels], modality_mask)
+        return {"image": image, "feature": feature, "modality": modality}
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.aux_optimizer.zero_grad(set_to_none=True)
+        modality_mask, stacked = self._two_pass_inputs(data)
+        with self._autocast():
+            # One forward over full and masked samples: InstanceNorm is per sample, so this equals two passes.
+            full_out, masked_out = self._split(self.network(stacked))
+            terms = {"supervised": self.loss(full_out, target) + self.loss(masked_out, target)}
+            terms.update(self._distillation_terms(data, stacked, modality_mask, full_out, masked_out))
+            loss = (terms["supervised"] + self.image_kd_weight * terms["image"]
+                    + self.feature_kd_weight * terms["feature"] + self.modality_kd_weight * terms["modality"])
+            loss = loss + self._extra_loss(full_out, masked_out, terms)
+        self._backward_and_step(loss, [self.optimizer, self.aux_optimizer], [self.network, self.aux_modules])
+        ema_update(self.ema_network, self.network, self.ema_momentum)
+        for k, v in terms.items():
+            self._term_sums[k] = self._term_sums.get(k, 0.) + float(v.detach())
+        self._term_sums["_n"] = self._term_sums.get("_n", 0.) + 1
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def _extra_loss(self, full_out, masked_out, terms) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        names = sorted(k for k in self._term_sums if k != "_n")
+        sums = torch.tensor([self._term_sums[k] for k in names] + [self._term_sums.get("_n", 0.)],
+                            dtype=torch.float64, device=self.device)
+        if self.is_ddp:
+            dist.all_reduce(sums)
+        means = {k: float(v) for k, v in zip(names, (sums[:-1] / sums[-1].clamp_min(1)).tolist())}
+        self.print_to_log_file("MGSD loss terms (unweighted means): " +
+                               ", ".join(f"{k} {np.round(v, 5)}" for k, v in means.items()))
+
+    def _mgsd_state(self) -> dict:
+        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
+        return {"ema_weights": self.ema_network.state_dict(), "aux_weights": aux.state_dict(),
+                "aux_optimizer_state": self.aux_optimizer.state_dict()}
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint["mgsd_state"] = self._mgsd_state()
+            atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        state = checkpoint.get("mgsd_state")
+        if state is None:
+            raise RuntimeError(f"checkpoint has no MGSD state (EMA teacher, auxiliary modules); it was not written "
+                               f"by {self.__class__.__name__}")
+        self.ema_network.load_state_dict(state["ema_weights"])
+        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
+        aux.load_state_dict(state["aux_weights"])
+        self.aux_optimizer.load_state_dict(state["aux_optimizer_state"])
+
+
+class nnUNetTrainerMGSD_adv(nnUNetTrainerMGSD):
+    """MGSD plus the reference script's style discriminator between full and masked outputs."""
+
+    adversarial_weight: float = 0.01
+
+    def _extra_aux_modules(self, unet: nn.Module) -> List[nn.Module]:
+        conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2
+        self.discriminator = StyleDiscriminator(self.label_manager.num_segmentation_heads, conv_dim=conv_dim)
+        return [self.discriminator.to(self.device)]
+
+    def _extra_loss(self, full_out, masked_out, terms) -> torch.Tensor:
+        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
+        discriminator = aux[2]
+        full_prob, masked_prob = self._probabilities(full_out[0]), self._probabilities(masked_out[0])
+        # The discriminator learns on detached outputs; the network learns to make masked outputs look full.
+        terms["discriminator"] = discriminator_loss(discriminator(full_prob.detach()),
+                                                    discriminator(masked_prob.detach()))
+        for p in discriminator.parameters():
+            p.requires_grad_(False)
+        terms["adversarial"] = generator_adversarial_loss(discriminator(masked_prob))
+        for p in discriminator.parameters():
+            p.requires_grad_(True)
+        return terms["discriminator"] + self.adversarial_weight * terms["adversarial"]
