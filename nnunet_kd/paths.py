@@ -29,3 +29,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_trainer_lookup() -> None:
+    """Let nnU-Net code running in this process (e.g. nnUNetPredictor) find the plugin's trainers by name."""
+    os.environ["nnUNet_extTrainer"] = with_trainer_path()["nnUNet_extTrainer"]

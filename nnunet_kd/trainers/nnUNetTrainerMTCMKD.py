@@ -10,7 +10,7 @@ See ../shared/docs/METHODS.md and docs/methods.md for the exact losses.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from nnunet_kd.features import FeatureTap, InputChannelSelector, decoder_channel
 from nnunet_kd.losses.cdsfl import CDSFL
 from nnunet_kd.losses.kd import response_kd_loss
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
+from nnunet_kd.paths import ensure_trainer_lookup
 from nnunet_kd.model_folder import atomic_write_json, subset_dataset_json, subset_plans
 from nnunet_kd.training_utils import (apply_budget_overrides, atomic_torch_save, clip_gradients,
                                       sgd_with_poly_lr)
@@ -101,10 +102,9 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
         finally:
             self.dataset_json = full_dataset_json
         num_levels = len(unwrap_network(self.network).decoder.stages)
-        bad = [lvl for lvl in self.cdsfl_levels if not 0 <= lvl < num_levels - 1]
+        bad = [lvl for lvl in self.cdsfl_levels if not 0 <= lvl < num_levels]
         if bad:
-            raise ValueError(f"cdsfl_levels {bad} are not usable deep-supervision levels of this plan "
-                             f"(0..{num_levels - 2}; the lowest level has loss weight 0)")
+            raise ValueError(f"cdsfl_levels {bad} are not deep-supervision levels of this plan (0..{num_levels - 1})")
         teachers = self._build_teachers()
         self.teacher_taps = [FeatureTap(t, self.cdsfl_levels) for t in teachers]
         channels = {lvl: [decoder_channels(t, lvl) for t in teachers] for lvl in self.cdsfl_levels}
@@ -373,13 +373,12 @@ class nnUNetTrainerMTCMKD_MultimodalTeacher(nnUNetTrainerMTCMKD):
 
 
 class nnUNetTrainerMTCMKD_AllLevels(nnUNetTrainerMTCMKD):
-    """CDSFL at every deep-supervision level that carries loss weight (not only half resolution)."""
-
-    cdsfl_levels = (1, 2, 3)
+    """CDSFL at every deep-supervision level below full resolution (the paper uses only half resolution)."""
 
     def initialize(self):
-        num_levels = len(self.configuration_manager.pool_op_kernel_sizes)
-        self.cdsfl_levels = tuple(range(1, num_levels - 1))
+        # The decoder has one stage per pooling step: deep-supervision levels 0..len(pool_op_kernel_sizes) - 2.
+        num_levels = len(self.configuration_manager.pool_op_kernel_sizes) - 1
+        self.cdsfl_levels = tuple(range(1, num_levels))
         super().initialize()
 
 
@@ -412,6 +411,7 @@ class nnUNetTrainerMTCMKD_FrozenTeachers(nnUNetTrainerMTCMKD):
 
     def _build_teachers(self) -> List[nn.Module]:
         teachers = []
+        ensure_trainer_lookup()  # the predictor finds each teacher's trainer class by name
         for model_dir, fold_name, checkpoint_name in self.teacher_sources:
             predictor = nnUNetPredictor(device=self.device, perform_everything_on_device=False, allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(model_dir, (fold_name,), checkpoint_name)

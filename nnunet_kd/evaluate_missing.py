@@ -1,0 +1,385 @@
+"""Evaluation of a model under every combination of missing MRI modalities.
+
+Command line::
+
+    nnunet_kd_evaluate_missing -d 137 -c 3d_fullres -tr nnUNetTrainerMGSD -f 0 -i IMAGES -r LABELS -o OUT \\
+        [-p plans] [-m MODEL_FOLDER] [-chk ...] [-device ...] [--labels nnunet|brats2021|brats2023] [-np N]
+
+``IMAGES`` holds every channel of every case (``CASE_0000`` .. ``CASE_0003``). For each of the
+``2**M - 1`` non-empty modality combinations (15 for T1, T1ce, T2, FLAIR; order of
+:func:`nnunet_kd.losses.modality_mask.all_modality_subsets`, named like ``T1ce+FLAIR``) the cases are
+predicted from only those channels (the others zero-filled after normalisation, see
+:mod:`nnunet_kd.predict`; the file subset is passed in memory, nothing is copied), with one network
+loaded once. Outputs in ``OUT``:
+
+* ``predictions/<combination>/CASE.nii.gz``
+* ``missing_modalities.json``: ``{"combinations": {combo: {"modalities", "mean", "cases"}},
+  "mean_over_combinations": {region: {"dice", "hd95"}}, ...}``
+* ``missing_modalities.csv``: columns combination, region, dice, hd95 (per combination and region,
+  then the ``mean`` rows: the mean over combinations)
+* ``missing_modalities_dice.png`` and ``missing_modalities_hd95.png``: heat maps of the
+  combinations x (WT, TC, ET) table plus the mean row.
+
+Dice and HD95 follow :mod:`nnunet_kd.evaluation` (BraTS conventions).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from nnunet_kd.brats import MODALITIES, REGIONS, channel_indices
+from nnunet_kd.evaluation import (LABEL_CONVENTIONS, METRICS, EvaluationError, default_num_processes,
+                                  evaluate_pairs, label_mapping, list_cases, mean_metrics)
+from nnunet_kd.losses.modality_mask import all_modality_subsets
+from nnunet_kd.predict import (Job, PredictionError, add_model_arguments, channel_names_of,
+                               check_model_folder, display_name, find_cases, load_predictor, model_folder_from_args,
+                               modality_label, resolve_device, run_jobs, setup_torch_threads)
+
+OUTPUT_STEM = "missing_modalities"
+MEAN_ROW = "mean"
+
+
+def modality_order(channel_names: Mapping[int, str]) -> List[int]:
+    """Channels in the order the subsets refer to: T1, T1ce, T2, FLAIR when the dataset has them, else channel order."""
+    try:
+        if len(channel_names) == len(MODALITIES):
+            return channel_indices({str(k): v for k, v in channel_names.items()}, MODALITIES)
+    except ValueError:
+        pass
+    return sorted(channel_names)
+
+
+def modality_combinations(channel_names: Mapping[int, str]) -> List[Tuple[str, List[int]]]:
+    """``[(name, channels)]`` for every non-empty subset, in :func:`all_modality_subsets` order."""
+    order = modality_order(channel_names)
+    out = []
+    for subset in all_modality_subsets(len(order)):
+        channels = [order[m] for m in subset]
+        name = "+".join(display_name(channel_names[c]) for c in channels)
+        out.append((name, sorted(channels)))
+    return out
+
+
+def _safe_folder_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "+-_." else "_" for ch in name)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------
+def _references_in_nnunet_labels(ref_files: Mapping[str, str], labels: str, folder: str) -> Dict[str, str]:
+    """References as nnU-Net label files (predictions are always in nnU-Net labels).
+
+    For ``labels == 'nnunet'`` the originals are used; otherwise small converted label maps are
+    written to ``folder`` so that :func:`nnunet_kd.evaluation.evaluate_pairs` can score both in one
+    convention.
+    """
+    if labels == "nnunet":
+        return dict(ref_files)
+    import SimpleITK as sitk
+
+    from nnunet_kd.brats import map_labels
+
+    mapping = label_mapping(labels)
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for case, path in sorted(ref_files.items()):
+        try:
+            image = sitk.ReadImage(path)
+        except RuntimeError as e:
+            raise EvaluationError(f"cannot read reference {path!r}: {str(e).strip().splitlines()[0]}") from None
+        array = sitk.GetArrayFromImage(image)
+        try:
+            converted = map_labels(np.asarray(array).astype(np.int64), mapping)
+        except ValueError as e:
+            raise EvaluationError(f"reference {path!r}: {e} (--labels {labels})") from None
+        new = sitk.GetImageFromArray(converted.astype(np.uint8))
+        new.CopyInformation(image)
+        target = os.path.join(folder, case + ".nii.gz")
+        sitk.WriteImage(new, target, True)
+        out[case] = target
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# tables and plots
+# --------------------------------------------------------------------------------------
+def mean_over_combinations(combinations: Mapping[str, Mapping]) -> Dict[str, Dict[str, float]]:
+    """Per region and metric, the mean of the combinations' means."""
+    return {region: {metric: float(np.mean([c["mean"][region][metric] for c in combinations.values()]))
+                     for metric in METRICS} for region in REGIONS}
+
+
+def write_csv(results: Mapping, path: str) -> str:
+    """Columns combination, region, dice, hd95; per combination and region, then the ``mean`` rows."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["combination", "region", "dice", "hd95"])
+    for combo, entry in results["combinations"].items():
+        for region in REGIONS:
+            m = entry["mean"][region]
+            writer.writerow([combo, region, repr(float(m["dice"])), repr(float(m["hd95"]))])
+    for region in REGIONS:
+        m = results["mean_over_combinations"][region]
+        writer.writerow([MEAN_ROW, region, repr(float(m["dice"])), repr(float(m["hd95"]))])
+    _atomic_write(path, buf.getvalue())
+    return path
+
+
+def plot_heatmap(results: Mapping, metric: str, path: str) -> str:
+    """Heat map of ``metric`` for every combination (rows) and region (columns) plus the mean row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list(results["combinations"])
+    table = [[float(results["combinations"][r]["mean"][reg][metric]) for reg in REGIONS] for r in rows]
+    table.append([float(results["mean_over_combinations"][reg][metric]) for reg in REGIONS])
+    labels = rows + ["mean over combinations"]
+    values = np.asarray(table, dtype=float)
+    if metric == "dice":
+        cmap, vmin, vmax, title = "viridis", 0.0, 1.0, "Dice"
+    else:
+        finite = values[np.isfinite(values)]
+        cmap, vmin, vmax, title = "viridis_r", 0.0, max(float(finite.max()) if finite.size else 1.0, 1e-6), "HD95 (mm)"
+    fig = Figure(figsize=(5.5, 0.42 * len(labels) + 1.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(REGIONS)))
+    ax.set_xticklabels(list(REGIONS))
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels)
+    ax.axhline(len(rows) - 0.5, color="white", linewidth=3)
+    norm = im.norm
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            text = f"{v:.3f}" if metric == "dice" else f"{v:.1f}"
+            shade = im.cmap(norm(v)) if np.isfinite(v) else (1, 1, 1, 1)
+            luminance = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2]
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="black" if luminance > 0.5 else "white",
+                    fontweight="bold" if i == len(rows) else "normal")
+    ax.set_title(f"{title} per available-modality combination")
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_outputs(results: Mapping, output_folder: str, plots: bool = True) -> List[str]:
+    """JSON, CSV and (if ``plots``) the Dice and HD95 heat maps; returns the paths written."""
+    stem = os.path.join(output_folder, OUTPUT_STEM)
+    _atomic_write(stem + ".json", json.dumps(results, indent=2) + "\n")
+    written = [stem + ".json", write_csv(results, stem + ".csv")]
+    if plots:
+        written.append(plot_heatmap(results, "dice", stem + "_dice.png"))
+        written.append(plot_heatmap(results, "hd95", stem + "_hd95.png"))
+    return written
+
+
+# --------------------------------------------------------------------------------------
+# the evaluation
+# --------------------------------------------------------------------------------------
+def evaluate_missing_modalities(
+    model_folder: str,
+    images_folder: str,
+    labels_folder: str,
+    output_folder: str,
+    folds: Optional[Sequence[Union[int, str]]] = (0,),
+    checkpoint_name: str = "checkpoint_final.pth",
+    device=None,
+    tile_step_size: float = 0.5,
+    use_mirroring: bool = True,
+    labels: str = "nnunet",
+    num_processes: Optional[int] = None,
+    num_processes_export: int = 3,
+    num_processes_preprocessing: int = 3,
+    combinations: Optional[Sequence[str]] = None,
+    plots: bool = True,
+    progress: bool = True,
+    verbose: bool = False,
+    predictor=None,
+) -> Dict:
+    """Predict and score every non-empty modality combination; returns the ``missing_modalities.json`` content.
+
+    ``images_folder`` holds all channels of each case; ``labels_folder`` the references
+    (``CASE.nii.gz``, convention ``labels``). ``num_processes``: evaluation workers (default
+    min(4, CPUs)); ``num_processes_export``: nnU-Net's segmentation export processes.
+    ``combinations``: restrict to these names (e.g. ``["T1ce+FLAIR"]``), default all.
+    The network is loaded once (or pass ``predictor`` from :func:`nnunet_kd.predict.load_predictor`).
+    Raises PredictionError / EvaluationError on bad input.
+    """
+    from tqdm import tqdm
+
+    label_mapping(labels)  # unknown convention -> EvaluationError before any work
+    if predictor is None:
+        folds = check_model_folder(model_folder, folds, checkpoint_name)
+        with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
+            dataset_json = json.load(f)
+    else:
+        dataset_json = predictor.dataset_json
+    channel_names = channel_names_of(dataset_json)
+    file_ending = dataset_json["file_ending"]
+
+    # inputs: every channel of every case, and a reference per case
+    cases = find_cases(images_folder, file_ending)
+    for case, files in sorted(cases.items()):
+        absent = [c for c in channel_names if c not in files]
+        if absent:
+            raise PredictionError(
+                f"case {case} lacks "
+                + ", ".join(f"{display_name(channel_names[c])} ({case}_{c:04d}{file_ending})" for c in absent)
+                + f" in {images_folder!r}; the missing-modality evaluation needs every channel of every case"
+            )
+        extra = sorted(set(files) - set(channel_names))
+        if extra:
+            raise PredictionError(f"case {case}: channel {extra[0]:04d} is not in the model's dataset "
+                                  f"({modality_label(channel_names, channel_names)})")
+    refs = list_cases(labels_folder, "reference folder")
+    no_ref = sorted(set(cases) - set(refs))
+    if no_ref:
+        raise EvaluationError(f"no reference segmentation in {labels_folder!r} for {len(no_ref)} case(s): "
+                              + ", ".join(f"{c} (expected {c}.nii.gz)" for c in no_ref))
+    refs = {c: refs[c] for c in sorted(cases)}
+
+    combos = modality_combinations(channel_names)
+    if combinations is not None:
+        known = {name.lower(): (name, ch) for name, ch in combos}
+        missing = [c for c in combinations if c.lower() not in known]
+        if missing:
+            raise PredictionError(f"unknown combination(s) {', '.join(missing)}; known: "
+                                  + ", ".join(n for n, _ in combos))
+        wanted = {c.lower() for c in combinations}
+        combos = [(n, ch) for n, ch in combos if n.lower() in wanted]
+
+    if predictor is None:  # inputs are fine: load the network once for every combination
+        predictor = load_predictor(model_folder, folds, checkpoint_name, device, tile_step_size, use_mirroring,
+                                   verbose, allow_tqdm=False)
+
+    pred_root = os.path.join(output_folder, "predictions")
+    folders = {name: os.path.join(pred_root, _safe_folder_name(name)) for name, _ in combos}
+    jobs: List[Job] = []
+    combo_of_job: List[str] = []
+    for name, channels in combos:
+        for case in sorted(cases):
+            jobs.append((case, {c: cases[case][c] for c in channels}, os.path.join(folders[name], case)))
+            combo_of_job.append(name)
+
+    # one pass over all combinations and cases: one network, one export pool
+    with tqdm(total=len(combos), desc="modality combinations", unit="combination", disable=not progress) as bar:
+        state = {"current": None, "done": 0}
+
+        def on_item(index: int, job: Job) -> None:
+            name = combo_of_job[index]
+            if name != state["current"]:
+                if state["current"] is not None:
+                    bar.update(1)
+                state["current"] = name
+                bar.set_postfix_str(name)
+
+        run_jobs(predictor, jobs, False, num_processes_export, num_processes_preprocessing, on_item=on_item,
+                 quiet=not verbose)
+        if state["current"] is not None:
+            bar.update(1)
+
+    ref_nnunet = _references_in_nnunet_labels(refs, labels, os.path.join(output_folder, "references_nnunet"))
+    results_by_combo: Dict[str, Dict] = {}
+    n_eval = default_num_processes() if num_processes is None else int(num_processes)
+    for name, channels in tqdm(combos, desc="evaluating", unit="combination", disable=not progress):
+        pairs = {case: (os.path.join(folders[name], case + file_ending), ref_nnunet[case]) for case in refs}
+        case_metrics = evaluate_pairs(pairs, labels="nnunet", num_processes=n_eval, progress=False)
+        results_by_combo[name] = {
+            "modalities": [display_name(channel_names[c]) for c in channels],
+            "channels": list(channels),
+            "mean": mean_metrics(case_metrics),
+            "cases": case_metrics,
+        }
+    results = {
+        "combinations": results_by_combo,
+        "mean_over_combinations": mean_over_combinations(results_by_combo),
+        "labels": labels,
+        "num_cases": len(refs),
+        "modalities": [display_name(channel_names[c]) for c in modality_order(channel_names)],
+        "predictions": os.path.abspath(pred_root),
+    }
+    write_outputs(results, output_folder, plots=plots)
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnunet_kd_evaluate_missing",
+        description="Predict and score (Dice, HD95 of WT, TC, ET) every non-empty combination of available MRI "
+                    "modalities; missing channels are zero-filled after normalisation.",
+    )
+    p.add_argument("-i", required=True, help="folder with every channel of every case (CASE_0000 .. CASE_0003)")
+    p.add_argument("-r", required=True, help="folder with the reference segmentations (CASE.nii.gz)")
+    p.add_argument("-o", required=True, help="output folder")
+    add_model_arguments(p)
+    p.add_argument("--labels", default="nnunet", choices=LABEL_CONVENTIONS,
+                   help="label convention of the references (default nnunet: 1 ED, 2 NCR, 3 ET)")
+    p.add_argument("-np", type=int, default=default_num_processes(),
+                   help="evaluation worker processes (default min(4, CPUs))")
+    p.add_argument("--combinations", nargs="+", metavar="COMBO",
+                   help="evaluate only these combinations (e.g. T1ce+FLAIR); default all")
+    p.add_argument("--no-plots", action="store_true", help="skip the heat maps")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.np < 1 or args.npp < 1 or args.nps < 1:
+            raise PredictionError("-np, -npp and -nps must be at least 1")
+        model_folder = model_folder_from_args(args)
+        folds = check_model_folder(model_folder, args.f, args.chk)
+        device = resolve_device(args.device)
+        setup_torch_threads(device)
+        results = evaluate_missing_modalities(
+            model_folder, args.i, args.r, args.o, folds=folds, checkpoint_name=args.chk, device=device,
+            tile_step_size=args.step_size, use_mirroring=not args.disable_tta, labels=args.labels,
+            num_processes=args.np, num_processes_export=args.nps, num_processes_preprocessing=args.npp,
+            combinations=args.combinations, plots=not args.no_plots, verbose=args.verbose,
+        )
+    except (PredictionError, EvaluationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    width = max(len(n) for n in results["combinations"])
+    print(f"{'combination':<{width}}  " + "  ".join(f"{r:>13}" for r in REGIONS))
+    for name, entry in list(results["combinations"].items()) + [(MEAN_ROW, {"mean": results["mean_over_combinations"]})]:
+        print(f"{name:<{width}}  " + "  ".join(
+            f"{entry['mean'][r]['dice']:.3f}/{entry['mean'][r]['hd95']:6.1f}" for r in REGIONS))
+    print(f"(Dice/HD95 mm) {results['num_cases']} cases; written {os.path.join(args.o, OUTPUT_STEM + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The distillation-effect study: which model segments best from T1ce alone, on the same data and budget?
+
+For each seed, a fresh synthetic BraTS-like dataset (training and held-out test cases) is
+drawn, converted and planned; then five models train with the same epochs and iterations
+through ``nnUNetv2_train``:
+
+1. stock nnU-Net on the T1ce-only dataset (``nnUNetTrainerBudget``: stock trainer, budget only),
+2. the MTCM-KD student (``nnUNetTrainerMTCMKD``),
+3. MGSD (``nnUNetTrainerMGSD``), fed T1ce alone at test time,
+4. the modality-dropout baseline (``nnUNetTrainerModalityDropout``), fed T1ce alone,
+5. stock nnU-Net on all four modalities (upper reference).
+
+All are scored on the held-out cases with ``nnunet_kd.evaluation`` (Dice, HD95 for WT, TC,
+ET), and MGSD also over all 15 modality combinations. The mean and spread over seeds go
+to JSON, a Markdown table and a bar plot.
+
+    python -m nnunet_kd.study --workdir study_out --seeds 0 1 2 --cases 16 --test-cases 8 \
+        --epochs 4 --iterations 40 --device cpu --markdown docs/results_synthetic.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from nnunet_kd.demo import _bin, _default_device, _link_channels, _run
+from nnunet_kd.paths import with_trainer_path
+
+REGIONS = ("WT", "TC", "ET")
+#: name -> (trainer, dataset: "full" or "t1ce", how it is fed at test time)
+MODELS = {
+    "stock nnU-Net, T1ce-only dataset": ("nnUNetTrainerBudget", "t1ce", "t1ce_file"),
+    "MTCM-KD student (T1ce)": ("nnUNetTrainerMTCMKD", "full", "t1ce_file"),
+    "MGSD fed T1ce alone": ("nnUNetTrainerMGSD", "full", "available_t1ce"),
+    "modality dropout fed T1ce alone": ("nnUNetTrainerModalityDropout", "full", "available_t1ce"),
+    "stock nnU-Net, all four modalities (upper reference)": ("nnUNetTrainerBudget", "full", "all"),
+}
+
+
+def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, str]) -> dict:
+    from nnunet_kd.evaluate_missing import evaluate_missing_modalities
+    from nnunet_kd.evaluation import evaluate_folders
+    from nnunet_kd.synthetic import generate_dataset
+
+    root = work / f"seed{seed}"
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(env, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"))
+    ids = {"full": 600, "t1ce": 601, "test": 602, "test_t1ce": 603}
+    generate_dataset(str(root / "train_src"), args.cases, shape=tuple(args.shape), seed=1000 * seed)
+    generate_dataset(str(root / "test_src"), args.test_cases, shape=tuple(args.shape), seed=1000 * seed + 500,
+                     start_index=args.cases + 1)
+    convert = _bin("nnunet_kd_convert_brats")
+    _run("convert_full", [convert, "-i", str(root / "train_src"), "-d", str(ids["full"])], env, logs)
+    _run("convert_t1ce", [convert, "-i", str(root / "train_src"), "-d", str(ids["t1ce"]), "--modalities", "T1ce"],
+         env, logs)
+    _run("convert_test", [convert, "-i", str(root / "test_src"), "-d", str(ids["test"])], env, logs)
+    _run("convert_test_t1ce", [convert, "-i", str(root / "test_src"), "-d", str(ids["test_t1ce"]),
+                               "--modalities", "T1ce"], env, logs)
+    for kind in ("full", "t1ce"):
+        _run(f"plan_{kind}", [_bin("nnUNetv2_plan_and_preprocess"), "-d", str(ids[kind]), "-c", "3d_fullres",
+                              "-np", str(args.num_processes)], env, logs)
+    raw = root / "raw"
+    test = next(raw.glob(f"Dataset{ids['test']}_*"))
+    test_t1ce = next(raw.glob(f"Dataset{ids['test_t1ce']}_*"))
+    _link_channels(test / "imagesTr", [1], root / "inputs_T1ce_numbered")
+    results = {}
+    for name, (trainer, dataset, feed) in MODELS.items():
+        slug = f"{trainer}_{dataset}"
+        dataset_id = str(ids[dataset])
+        _run(f"train_{slug}", [_bin("nnUNetv2_train"), dataset_id, "3d_fullres", "all", "-tr", trainer,
+                               "-device", args.device], env, logs)
+        out = root / "predictions" / slug
+        common = ["-o", str(out), "-d", dataset_id, "-c", "3d_fullres", "-tr", trainer, "-f", "all",
+                  "-device", args.device, "-npp", "1", "-nps", "1"]
+        if feed == "available_t1ce":
+            _run(f"predict_{slug}", [_bin("nnunet_kd_predict"), "-i", str(root / "inputs_T1ce_numbered"),
+                                     "--available", "T1ce"] + common, env, logs)
+        else:
+            images = test_t1ce / "imagesTr" if feed == "t1ce_file" else test / "imagesTr"
+            _run(f"predict_{slug}", [_bin("nnUNetv2_predict"), "-i", str(images)] + common, env, logs)
+        results[name] = evaluate_folders(str(test / "labelsTr"), str(out), str(root / f"scores_{slug}.json"),
+                                         num_processes=1, progress=False)["mean"]
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    missing = evaluate_missing_modalities(
+        model_folder=str(next((root / "results").glob(f"Dataset{ids['full']}_*"))
+                         / "nnUNetTrainerMGSD__nnUNetPlans__3d_fullres"),
+        images_folder=str(test / "imagesTr"), labels_folder=str(test / "labelsTr"),
+        output_folder=str(root / "mgsd_missing"), folds=("all",), device=args.device, num_processes=1,
+        num_processes_export=1)
+    return {"models": results, "mgsd_combinations": {c: v["mean"] for c, v in missing["combinations"].items()}}
+
+
+def summarise(per_seed: List[dict]) -> dict:
+    """Mean and standard deviation over seeds of every model's and every combination's mean Dice / HD95."""
+    def stats(values: List[float]) -> Dict[str, float]:
+        arr = np.asarray(values, dtype=float)
+        return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+    out = {"models": {}, "mgsd_combinations": {}}
+    for group in ("models", "mgsd_combinations"):
+        for name in per_seed[0][group]:
+            out[group][name] = {r: {m: stats([s[group][name][r][m] for s in per_seed]) for m in ("dice", "hd95")}
+                                for r in REGIONS}
+    return out
+
+
+def markdown_table(summary: dict, group: str, first_column: str) -> str:
+    lines = [f"| {first_column} | WT Dice | TC Dice | ET Dice | WT HD95 | TC HD95 | ET HD95 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, regions in summary[group].items():
+        dice = [f"{100 * regions[r]['dice']['mean']:.1f} ± {100 * regions[r]['dice']['std']:.1f}" for r in REGIONS]
+        hd = [f"{regions[r]['hd95']['mean']:.1f} ± {regions[r]['hd95']['std']:.1f}" for r in REGIONS]
+        lines.append(f"| {name} | " + " | ".join(dice + hd) + " |")
+    return "\n".join(lines)
+
+
+def plot_models(summary: dict, png: str) -> None:
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    matplotlib.rcParams.update({"font.size": 8})
+    fig = Figure(figsize=(9, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(summary["models"])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        means = [100 * summary["models"][name][r]["dice"]["mean"] for r in REGIONS]
+        stds = [100 * summary["models"][name][r]["dice"]["std"] for r in REGIONS]
+        ax.bar(np.arange(3) + i * width, means, width, yerr=stds, capsize=2, label=name)
+    ax.set_xticks(np.arange(3) + width * (len(names) - 1) / 2, REGIONS)
+    ax.set_ylabel("Dice (%) on held-out cases, mean ± sd over seeds")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def run_study(workdir: str, seeds: Sequence[int], args: argparse.Namespace) -> dict:
+    work = Path(workdir).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    env = with_trainer_path()
+    env.update({"nnUNet_kd_num_epochs": str(args.epochs), "nnUNet_kd_iterations_per_epoch": str(args.iterations),
+                "nnUNet_kd_val_iterations": str(max(1, args.iterations // 5)),
+                "nnUNet_compile": env.get("nnUNet_compile", "0")})
+    if args.device == "cpu":
+        env.setdefault("nnUNet_n_proc_DA", str(args.num_processes))
+        env.setdefault("nnUNet_def_n_proc", str(args.num_processes))
+    start = time.time()
+    per_seed = []
+    for seed in seeds:
+        print(f"[study] seed {seed}", flush=True)
+        per_seed.append(_seed_run(work, seed, args, env))
+    summary = summarise(per_seed)
+    result = {"date": date.today().isoformat(), "device": args.device, "host": platform.node(),
+              "command": " ".join(sys.argv), "seeds": list(seeds), "cases": args.cases,
+              "test_cases": args.test_cases, "shape": list(args.shape), "epochs": args.epochs,
+              "iterations_per_epoch": args.iterations, "wall_time_s": time.time() - start,
+              "per_seed": per_seed, "summary": summary}
+    (work / "study.json").write_text(json.dumps(result, indent=2))
+    plot_models(summary, str(work / "study_dice.png"))
+    md = (f"Seeds {list(seeds)}; {args.cases} training and {args.test_cases} held-out synthetic cases of "
+          f"{'x'.join(map(str, args.shape))} voxels per seed; {args.epochs} epochs x {args.iterations} "
+          f"iterations per model; device {args.device}; {time.time() - start:.0f} s.\n\n"
+          "Held-out cases, T1ce-only input unless stated (Dice %, HD95 mm; mean ± sd over seeds):\n\n"
+          + markdown_table(summary, "models", "model") +
+          "\n\nMGSD over all 15 modality combinations:\n\n" + markdown_table(summary, "mgsd_combinations",
+                                                                            "available modalities") + "\n")
+    (work / "study.md").write_text(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    print(md)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="kd_study_output", help="folder for all study files (replaced)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--cases", type=int, default=16, help="synthetic training cases per seed")
+    p.add_argument("--test-cases", type=int, default=8, help="synthetic held-out cases per seed")
+    p.add_argument("--shape", type=int, nargs=3, default=(40, 40, 40))
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("-np", "--num-processes", type=int, default=2)
+    p.add_argument("--markdown", help="also write the Markdown tables to this file")
+    p.add_argument("--toy", action="store_true", help="smallest run that exercises every step (CI)")
+    args = p.parse_args(argv)
+    args.device = args.device or _default_device()
+    if args.toy:
+        args.cases, args.test_cases, args.shape, args.epochs, args.iterations = 2, 1, (32, 32, 32), 1, 1
+    if args.cases < 2 or args.test_cases < 1:
+        p.error("--cases must be at least 2 and --test-cases at least 1")
+    run_study(args.workdir, args.seeds, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Shared fixtures: a small synthetic BraTS dataset taken through the real nnU-Net commands."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from nnunet_kd.paths import with_trainer_path
+
+REAL_BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "BraTS2021_sample"
+DATASET_ID = 501
+DATASET_NAME = "Dataset501_BraTS2021"
+T1CE_DATASET_ID = 502
+
+
+def nnunet_env(root: Path, **budget: int) -> Dict[str, str]:
+    """Environment for nnU-Net subprocesses: folders under ``root``, our trainers, a small CPU budget."""
+    env = with_trainer_path()
+    env.update({
+        "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
+        "nnUNet_compile": "0", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+        "nnUNet_kd_num_epochs": "1", "nnUNet_kd_iterations_per_epoch": "2", "nnUNet_kd_val_iterations": "1",
+    })
+    env.pop("nnUNet_kd_teachers", None)
+    for key, value in budget.items():
+        env[f"nnUNet_kd_{key}"] = str(value)
+    return env
+
+
+def run(cmd: List[str], env: Dict[str, str], check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a command; on failure show its output in the assertion message."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def bin_path(name: str) -> str:
+    """A console script of this virtual environment."""
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="session")
+def brats_dataset(tmp_path_factory) -> Dict[str, object]:
+    """5 synthetic BraTS 2021 cases, converted (4-channel and T1ce-only) and planned + preprocessed (3d_fullres)."""
+    from nnunet_kd.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    generate_dataset(str(root / "src"), 5, shape=(40, 40, 40), seed=0)
+    run([bin_path("nnunet_kd_convert_brats"), "-i", str(root / "src"), "-d", str(DATASET_ID), "-np", "2"], env)
+    run([bin_path("nnunet_kd_convert_brats"), "-i", str(root / "src"), "-d", str(T1CE_DATASET_ID),
+         "--modalities", "T1ce", "-np", "2"], env)
+    run([bin_path("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
+    raw = root / "raw" / DATASET_NAME
+    return {"root": root, "env": env, "raw": raw, "t1ce_images": root / "raw" / "Dataset502_BraTS2021_T1ce" / "imagesTr",
+            "preprocessed": root / "preprocessed" / DATASET_NAME, "results": root / "results" / DATASET_NAME,
+            "dataset_json": json.loads((raw / "dataset.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def stock_model(brats_dataset) -> Path:
+    """A stock nnU-Net model (nnUNetTrainer with a 1-epoch budget) trained on all four channels."""
+    env = brats_dataset["env"]
+    run([bin_path("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerBudget",
+         "-device", "cpu"], env)
+    return brats_dataset["results"] / "nnUNetTrainerBudget__nnUNetPlans__3d_fullres"
+
+
+def load_trainer(brats_dataset, trainer_class, dataset_json: dict | None = None):
+    """An initialised trainer of ``trainer_class`` on the session dataset, in this process, on the CPU."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    plans = load_json(str(brats_dataset["preprocessed"] / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # nnUNetv2_train adds this key before building a trainer
+    ds = dataset_json or load_json(str(brats_dataset["preprocessed"] / "dataset.json"))
+    paths = {"nnUNet_preprocessed": str(brats_dataset["root"] / "preprocessed"),
+             "nnUNet_results": str(brats_dataset["root"] / "in_process_results")}
+    old = {k: os.environ.get(k) for k in paths}
+    os.environ.update(paths)
+    try:
+        trainer = trainer_class(plans=plans, configuration="3d_fullres", fold="all", dataset_json=ds,
+                                device=torch.device("cpu"))
+        trainer.initialize()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return trainer
+
+
+def synthetic_batch(trainer, batch_size: int = 2, seed: int = 0) -> dict:
+    """A batch shaped like nnU-Net's training loader: data (B, C, *patch) and deep-supervision targets."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    patch = list(trainer.configuration_manager.patch_size)
+    channels = len(trainer.dataset_json["channel_names"])
+    data = torch.randn([batch_size, channels] + patch, generator=gen)
+    seg = torch.zeros([batch_size, 1] + patch)
+    centre = [p // 2 for p in patch]
+    zz, yy, xx = torch.meshgrid(*[torch.arange(p) for p in patch], indexing="ij")
+    dist = ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2).float().sqrt()
+    seg[:, 0][:, dist < patch[0] / 3] = 1
+    seg[:, 0][:, dist < patch[0] / 5] = 3
+    seg[:, 0][:, dist < patch[0] / 8] = 2
+    data[:, :, dist < patch[0] / 3] += 2.0
+    targets = []
+    for scale in trainer._get_deep_supervision_scales():
+        shape = [max(1, int(round(p * s))) for p, s in zip(patch, scale)]
+        level = F.interpolate(seg, size=shape, mode="nearest")
+        if trainer.label_manager.has_regions:
+            regions = [torch.as_tensor(np.isin(level[:, 0].numpy(), np.atleast_1d(r))) for r in
+                       trainer.label_manager.foreground_regions]
+            level = torch.stack(regions, 1).float()
+        targets.append(level)
+    return {"data": data, "target": targets}
+
+
+@pytest.fixture(scope="session")
+def mgsd_model(brats_dataset) -> Path:
+    """An nnUNetTrainerMGSD model trained through nnUNetv2_train (1 epoch, 2 iterations)."""
+    run([bin_path("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerMGSD",
+         "-device", "cpu"], brats_dataset["env"])
+    return brats_dataset["results"] / "nnUNetTrainerMGSD__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture(scope="session")
+def missing_modality_model(brats_dataset, mgsd_model):
+    """The trained MGSD model with its raw dataset, for the prediction and evaluation tests."""
+    from helpers_pipeline import TrainedModel
+
+    return TrainedModel(raw_dataset=str(brats_dataset["raw"]), model_folder=str(mgsd_model), dataset_id=DATASET_ID,
+                        dataset_name=DATASET_NAME, environment=brats_dataset["env"])
