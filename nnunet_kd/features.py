@@ -101,3 +101,4 @@ class InputChannelSelector(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.module(x.index_select(1, self.channels.to(x.device)))
+

@@ -111,8 +111,8 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
         self.cdsfl = CDSFL(self.cdsfl_levels, channels, self.label_manager.num_segmentation_heads,
                            conv_op=unwrap_network(self.network).encoder.conv_op,
                            reduction=self.cdsfl_reduction).to(self.device)
-        if self._do_i_compile():
-            teachers = [torch.compile(t) for t in teachers]
+        # Teachers stay eager under nnUNet_compile: compiling them would hide the forward hooks that
+        # read their decoder features (the student, whose features are not read, is compiled by nnU-Net).
         trainable = list(self.cdsfl.parameters())
         if not self.freeze_teachers:
             for t in teachers:
