@@ -77,3 +77,35 @@ def sgd_with_poly_lr(parameters: Iterable[torch.nn.Parameter], trainer: Any):
     optimizer = torch.optim.SGD(list(parameters), trainer.initial_lr, weight_decay=trainer.weight_decay,
                                 momentum=0.99, nesterov=True)
     return optimizer, PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
+
+
+def add_checkpoint_section(filename: str, key: str, state: dict) -> None:
+    """Add a plugin's state under ``key`` to a checkpoint nnU-Net just wrote (rewritten atomically).
+
+    nnU-Net's save_checkpoint builds and saves its dictionary in one go, so the extra state is added
+    afterwards; ``network_weights`` stays what stock inference loads.
+    """
+    checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+    checkpoint[key] = state
+    atomic_torch_save(checkpoint, filename)
+
+
+def read_checkpoint_section(filename_or_checkpoint, key: str, device: torch.device, trainer_name: str) -> dict:
+    """The plugin state stored under ``key``; a RuntimeError naming the file if it is missing."""
+    checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+        torch.load(filename_or_checkpoint, map_location=device, weights_only=False)
+    if key not in checkpoint:
+        where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the given checkpoint"
+        raise RuntimeError(f"{where} has no '{key}' section: it was not written by {trainer_name}")
+    return checkpoint[key]
+
+
+def average_gradients(module: nn.Module) -> None:
+    """All-reduce (mean) the gradients of a module that is not wrapped in DDP, so every rank steps alike."""
+    if not is_distributed():
+        return
+    world_size = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size

@@ -6,7 +6,7 @@ zeroed after normalisation). An EMA copy of the network, fed the full input, is 
 teacher. Distillation acts at three granularities:
 image (outputs towards the EMA output), feature (multi-view decoder profiles of the
 masked pass towards the full pass) and modality (mutual-aware attention on the
-bottleneck). See ../shared/docs/METHODS.md and docs/methods.md.
+bottleneck). See ../shared/docs/METHODS.md and README.md.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import autocast, nn
 from torch import distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -29,7 +28,8 @@ from nnunet_kd.features import FeatureTap, bottleneck_channels, decoder_channels
 from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttention, StyleDiscriminator,
                                    apply_modality_mask, discriminator_loss, ema_update,
                                    generator_adversarial_loss, sample_modality_masks)
-from nnunet_kd.training_utils import apply_budget_overrides, atomic_torch_save, clip_gradients
+from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, average_gradients,
+                                      broadcast_module, clip_gradients, read_checkpoint_section)
 
 
 class nnUNetTrainerModalityDropout(nnUNetTrainer):
@@ -67,14 +67,19 @@ class nnUNetTrainerModalityDropout(nnUNetTrainer):
         return [h[0] for h in halves], [h[1] for h in halves]
 
     def _backward_and_step(self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
-                           networks: Sequence[nn.Module]) -> None:
-        """nnU-Net's mixed-precision backward, clipping (norm 12 per network) and step, for several optimisers."""
+                           networks: Sequence[nn.Module], unsynced: Sequence[nn.Module] = ()) -> None:
+        """nnU-Net's mixed-precision backward, clipping (norm 12 per network) and step, for several optimisers.
+
+        ``unsynced``: modules outside DDP whose gradients are averaged over ranks here.
+        """
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             for opt in optimizers:
                 self.grad_scaler.unscale_(opt)
         else:
             loss.backward()
+        for module in unsynced:
+            average_gradients(module)
         for net in networks:
             clip_gradients(net.parameters(), 12)
         for opt in optimizers:
@@ -161,8 +166,9 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         self.aux_optimizer = torch.optim.AdamW(self.aux_modules.parameters(), self.aux_learning_rate,
                                                weight_decay=self.weight_decay)
         self.aux_lr_scheduler = PolyLRScheduler(self.aux_optimizer, self.aux_learning_rate, self.num_epochs)
-        if self.is_ddp:
-            self.aux_modules = DDP(self.aux_modules, device_ids=[self.local_rank])
+        # The auxiliary heads are called piecewise, not through one forward, so DDP would not sync them:
+        # their weights start equal (broadcast) and their gradients are averaged in every step.
+        broadcast_module(self.aux_modules)
 
     def _extra_aux_modules(self, unet: nn.Module) -> List[nn.Module]:
         return []
@@ -190,7 +196,7 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         image = self._image_kd(full_out, ema_out) + self._image_kd(masked_out, ema_out)
         decoder = [features["decoder"][lvl].chunk(2, 0) for lvl in self.feature_kd_levels]
         bottleneck_full, bottleneck_masked = features["bottleneck"].chunk(2, 0)
-        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
+        aux = self.aux_modules
         feature = aux[0]([d[0] for d in decoder], [d[1] for d in decoder])
         masked_data = stacked[data.shape[0]:]
         modality = aux[1](bottleneck_full, bottleneck_masked, data[:, self.modality_channels],
@@ -211,7 +217,8 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
             loss = (terms["supervised"] + self.image_kd_weight * terms["image"]
                     + self.feature_kd_weight * terms["feature"] + self.modality_kd_weight * terms["modality"])
             loss = loss + self._extra_loss(full_out, masked_out, terms)
-        self._backward_and_step(loss, [self.optimizer, self.aux_optimizer], [self.network, self.aux_modules])
+        self._backward_and_step(loss, [self.optimizer, self.aux_optimizer], [self.network, self.aux_modules],
+                                unsynced=[self.aux_modules])
         ema_update(self.ema_network, self.network, self.ema_momentum)
         for k, v in terms.items():
             self._term_sums[k] = self._term_sums.get(k, 0.) + float(v.detach())
@@ -233,28 +240,19 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
                                ", ".join(f"{k} {np.round(v, 5)}" for k, v in means.items()))
 
     def _mgsd_state(self) -> dict:
-        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
-        return {"ema_weights": self.ema_network.state_dict(), "aux_weights": aux.state_dict(),
+        return {"ema_weights": self.ema_network.state_dict(), "aux_weights": self.aux_modules.state_dict(),
                 "aux_optimizer_state": self.aux_optimizer.state_dict()}
 
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
         if self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint["mgsd_state"] = self._mgsd_state()
-            atomic_torch_save(checkpoint, filename)
+            add_checkpoint_section(filename, "mgsd_state", self._mgsd_state())
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        state = checkpoint.get("mgsd_state")
-        if state is None:
-            raise RuntimeError(f"checkpoint has no MGSD state (EMA teacher, auxiliary modules); it was not written "
-                               f"by {self.__class__.__name__}")
+        state = read_checkpoint_section(filename_or_checkpoint, "mgsd_state", self.device, self.__class__.__name__)
         self.ema_network.load_state_dict(state["ema_weights"])
-        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
-        aux.load_state_dict(state["aux_weights"])
+        self.aux_modules.load_state_dict(state["aux_weights"])
         self.aux_optimizer.load_state_dict(state["aux_optimizer_state"])
 
 
@@ -269,8 +267,7 @@ class nnUNetTrainerMGSD_adv(nnUNetTrainerMGSD):
         return [self.discriminator.to(self.device)]
 
     def _extra_loss(self, full_out, masked_out, terms) -> torch.Tensor:
-        aux = self.aux_modules.module if isinstance(self.aux_modules, DDP) else self.aux_modules
-        discriminator = aux[2]
+        discriminator = self.aux_modules[2]
         full_prob, masked_prob = self._probabilities(full_out[0]), self._probabilities(masked_out[0])
         # The discriminator learns on detached outputs; the network learns to make masked outputs look full.
         terms["discriminator"] = discriminator_loss(discriminator(full_prob.detach()),

@@ -5,7 +5,7 @@ default). Teachers use the same planned architecture on other channels and train
 online, with their own optimiser, together with the CDSFL fusion module. The student
 learns from the ground truth, from the teachers' outputs (performance-aware response
 KD) and from the fused CDSFL output at the CDSFL deep-supervision levels.
-See ../shared/docs/METHODS.md and docs/methods.md for the exact losses.
+See ../shared/docs/METHODS.md and README.md for the exact losses.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from nnunet_kd.losses.kd import response_kd_loss
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
 from nnunet_kd.paths import ensure_trainer_lookup
 from nnunet_kd.model_folder import atomic_write_json, subset_dataset_json, subset_plans
-from nnunet_kd.training_utils import (apply_budget_overrides, atomic_torch_save, clip_gradients,
-                                      sgd_with_poly_lr)
+from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, clip_gradients,
+                                      read_checkpoint_section, sgd_with_poly_lr)
 
 
 class nnUNetTrainerMTCMKD(nnUNetTrainer):
@@ -334,19 +334,11 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
         if self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint["kd_state"] = self._kd_state()
-            atomic_torch_save(checkpoint, filename)
+            add_checkpoint_section(filename, "kd_state", self._kd_state())
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        state = checkpoint.get("kd_state")
-        if state is None:
-            raise RuntimeError(f"checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''} "
-                               f"has no MTCM-KD state (teachers, CDSFL); it was not written by "
-                               f"{self.__class__.__name__}")
+        state = read_checkpoint_section(filename_or_checkpoint, "kd_state", self.device, self.__class__.__name__)
         if [list(m) for m in self.teacher_modalities] != state["teacher_modalities"]:
             raise RuntimeError(f"checkpoint teachers {state['teacher_modalities']} differ from this trainer's "
                                f"{[list(m) for m in self.teacher_modalities]}")
