@@ -74,7 +74,6 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
     test = next(raw.glob(f"Dataset{ids['test']}_*"))
     test_t1ce = next(raw.glob(f"Dataset{ids['test_t1ce']}_*"))
     _link_channels(test / "imagesTr", [1], root / "inputs_T1ce_numbered")
-    results = {}
     for name, (trainer, dataset, feed) in MODELS.items():
         slug = f"{trainer}_{dataset}"
         dataset_id = str(ids[dataset])
@@ -89,16 +88,25 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
         else:
             images = test_t1ce / "imagesTr" if feed == "t1ce_file" else test / "imagesTr"
             _run(f"predict_{slug}", [_bin("nnUNetv2_predict"), "-i", str(images)] + common, env, logs)
-        results[name] = evaluate_folders(str(test / "labelsTr"), str(out), str(root / f"scores_{slug}.json"),
-                                         num_processes=1, progress=False)["mean"]
+        evaluate_folders(str(test / "labelsTr"), str(out), str(root / f"scores_{slug}.json"), num_processes=1,
+                         progress=False)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    missing = evaluate_missing_modalities(
+    evaluate_missing_modalities(
         model_folder=str(next((root / "results").glob(f"Dataset{ids['full']}_*"))
                          / "nnUNetTrainerMGSD__nnUNetPlans__3d_fullres"),
         images_folder=str(test / "imagesTr"), labels_folder=str(test / "labelsTr"),
         output_folder=str(root / "mgsd_missing"), folds=("all",), device=args.device, num_processes=1,
         num_processes_export=1)
-    return {"models": results, "mgsd_combinations": {c: v["mean"] for c, v in missing["combinations"].items()}}
+    return collect_seed(root)
+
+
+def collect_seed(root: Path) -> dict:
+    """One seed's mean scores, read back from the score files its run wrote."""
+    models = {}
+    for name, (trainer, dataset, _) in MODELS.items():
+        models[name] = json.loads((root / f"scores_{trainer}_{dataset}.json").read_text())["mean"]
+    missing = json.loads((root / "mgsd_missing" / "missing_modalities.json").read_text())
+    return {"models": models, "mgsd_combinations": {c: v["mean"] for c, v in missing["combinations"].items()}}
 
 
 def summarise(per_seed: List[dict]) -> dict:
@@ -131,7 +139,7 @@ def plot_models(summary: dict, png: str) -> None:
     from matplotlib.figure import Figure
 
     matplotlib.rcParams.update({"font.size": 8})
-    fig = Figure(figsize=(9, 4))
+    fig = Figure(figsize=(9, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     names = list(summary["models"])
@@ -142,7 +150,7 @@ def plot_models(summary: dict, png: str) -> None:
         ax.bar(np.arange(3) + i * width, means, width, yerr=stds, capsize=2, label=name)
     ax.set_xticks(np.arange(3) + width * (len(names) - 1) / 2, REGIONS)
     ax.set_ylabel("Dice (%) on held-out cases, mean ± sd over seeds")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
@@ -164,17 +172,24 @@ def run_study(workdir: str, seeds: Sequence[int], args: argparse.Namespace) -> d
     for seed in seeds:
         print(f"[study] seed {seed}", flush=True)
         per_seed.append(_seed_run(work, seed, args, env))
+    return write_report(work, list(seeds), per_seed, args, time.time() - start)
+
+
+def write_report(work: Path, seeds: List[int], per_seed: List[dict], args: argparse.Namespace,
+                 wall_time_s: float) -> dict:
+    """study.json, study.md (and --markdown), study_dice.png from the seeds' scores."""
     summary = summarise(per_seed)
     result = {"date": date.today().isoformat(), "device": args.device, "host": platform.node(),
               "command": " ".join(sys.argv), "seeds": list(seeds), "cases": args.cases,
               "test_cases": args.test_cases, "shape": list(args.shape), "epochs": args.epochs,
-              "iterations_per_epoch": args.iterations, "wall_time_s": time.time() - start,
+              "iterations_per_epoch": args.iterations, "wall_time_s": wall_time_s,
               "per_seed": per_seed, "summary": summary}
     (work / "study.json").write_text(json.dumps(result, indent=2))
     plot_models(summary, str(work / "study_dice.png"))
     md = (f"Seeds {list(seeds)}; {args.cases} training and {args.test_cases} held-out synthetic cases of "
           f"{'x'.join(map(str, args.shape))} voxels per seed; {args.epochs} epochs x {args.iterations} "
-          f"iterations per model; device {args.device}; {time.time() - start:.0f} s.\n\n"
+          f"iterations per model; device {args.device}"
+          f"{f'; {wall_time_s:.0f} s' if np.isfinite(wall_time_s) else ''}.\n\n"
           "Held-out cases, T1ce-only input unless stated (Dice %, HD95 mm; mean ± sd over seeds):\n\n"
           + markdown_table(summary, "models", "model") +
           "\n\nMGSD over all 15 modality combinations:\n\n" + markdown_table(summary, "mgsd_combinations",
@@ -199,13 +214,33 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("-np", "--num-processes", type=int, default=2)
     p.add_argument("--markdown", help="also write the Markdown tables to this file")
     p.add_argument("--toy", action="store_true", help="smallest run that exercises every step (CI)")
+    p.add_argument("--collect", nargs="+", metavar="WORKDIR", help="do not train: combine the seed folders "
+                   "(seedN) that earlier runs left in these work dirs into one report in --workdir")
     args = p.parse_args(argv)
     args.device = args.device or _default_device()
     if args.toy:
         args.cases, args.test_cases, args.shape, args.epochs, args.iterations = 2, 1, (32, 32, 32), 1, 1
     if args.cases < 2 or args.test_cases < 1:
         p.error("--cases must be at least 2 and --test-cases at least 1")
-    run_study(args.workdir, args.seeds, args)
+    if args.collect:
+        collect_report(args)
+    else:
+        run_study(args.workdir, args.seeds, args)
+
+
+def collect_report(args: argparse.Namespace) -> dict:
+    """Report over seed folders from several runs (e.g. seeds run in parallel on different machines)."""
+    seed_dirs = sorted(d for w in args.collect for d in Path(w).resolve().glob("seed*") if d.is_dir())
+    if not seed_dirs:
+        raise SystemExit(f"error: no seedN folders in {' '.join(args.collect)}")
+    try:
+        per_seed = [collect_seed(d) for d in seed_dirs]
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: incomplete seed folder: {e.filename} is missing") from None
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    args.seeds = [int(d.name[len("seed"):]) for d in seed_dirs]
+    return write_report(work, args.seeds, per_seed, args, float("nan"))
 
 
 if __name__ == "__main__":
