@@ -39,9 +39,9 @@ from nnunet_kd.brats import MODALITIES, REGIONS, channel_indices
 from nnunet_kd.evaluation import (LABEL_CONVENTIONS, METRICS, EvaluationError, default_num_processes,
                                   evaluate_pairs, label_mapping, list_cases, mean_metrics)
 from nnunet_kd.losses.modality_mask import all_modality_subsets
-from nnunet_kd.predict import (Job, PredictionError, add_model_arguments, channel_names_of,
-                               check_model_folder, display_name, find_cases, load_predictor, model_folder_from_args,
-                               modality_label, resolve_device, run_jobs, setup_torch_threads)
+from nnunet_kd.predict import (Job, PredictionError, add_model_arguments, channel_names_of, check_model_folder,
+                               display_name, find_cases, load_predictor, modality_label, model_dataset_json,
+                               model_folder_from_args, resolve_device, run_jobs, setup_torch_threads)
 
 OUTPUT_STEM = "missing_modalities"
 MEAN_ROW = "mean"
@@ -237,12 +237,7 @@ def evaluate_missing_modalities(
     from tqdm import tqdm
 
     label_mapping(labels)  # unknown convention -> EvaluationError before any work
-    if predictor is None:
-        folds = check_model_folder(model_folder, folds, checkpoint_name)
-        with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
-            dataset_json = json.load(f)
-    else:
-        dataset_json = predictor.dataset_json
+    dataset_json, folds = model_dataset_json(model_folder, folds, checkpoint_name, predictor)
     channel_names = channel_names_of(dataset_json)
     file_ending = dataset_json["file_ending"]
 

@@ -397,6 +397,17 @@ def check_model_folder(model_folder: str, folds: Optional[Sequence[Union[int, st
     return folds
 
 
+def model_dataset_json(model_folder: Optional[str], folds, checkpoint_name: str, predictor=None):
+    """(dataset.json, folds) of a model: from a loaded predictor, or read after checking the model folder."""
+    if predictor is not None:
+        return predictor.dataset_json, folds
+    if model_folder is None:
+        raise PredictionError("no model folder given")
+    folds = check_model_folder(model_folder, folds, checkpoint_name)
+    with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
+        return json.load(f), folds
+
+
 def resolve_device(device=None):
     """``torch.device`` from 'cpu' / 'cuda' / 'mps' / a torch.device; default cuda when available, else cpu."""
     import torch
@@ -524,14 +535,7 @@ def predict_with_missing_modalities(
     are taken from it). ``overwrite=False`` skips cases whose segmentation exists.
     Raises :class:`PredictionError` on bad input.
     """
-    if predictor is None:
-        if model_folder is None:
-            raise PredictionError("no model folder given")
-        folds = check_model_folder(model_folder, folds, checkpoint_name)
-        with open(os.path.join(model_folder, "dataset.json"), encoding="utf-8") as f:
-            dataset_json = json.load(f)
-    else:
-        dataset_json = predictor.dataset_json
+    dataset_json, folds = model_dataset_json(model_folder, folds, checkpoint_name, predictor)
     # check the input before loading the network
     channel_names = channel_names_of(dataset_json)
     file_ending = dataset_json["file_ending"]
