@@ -57,9 +57,12 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
     env = dict(env, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                nnUNet_results=str(root / "results"))
     ids = {"full": 600, "t1ce": 601, "test": 602, "test_t1ce": 603}
-    generate_dataset(str(root / "train_src"), args.cases, shape=tuple(args.shape), seed=1000 * seed)
-    generate_dataset(str(root / "test_src"), args.test_cases, shape=tuple(args.shape), seed=1000 * seed + 500,
-                     start_index=args.cases + 1)
+    if args.real_brats:
+        _split_real_cases(Path(args.real_brats), seed, root)
+    else:
+        generate_dataset(str(root / "train_src"), args.cases, shape=tuple(args.shape), seed=1000 * seed)
+        generate_dataset(str(root / "test_src"), args.test_cases, shape=tuple(args.shape), seed=1000 * seed + 500,
+                         start_index=args.cases + 1)
     convert = _bin("nnunet_kd_convert_brats")
     _run("convert_full", [convert, "-i", str(root / "train_src"), "-d", str(ids["full"])], env, logs)
     _run("convert_t1ce", [convert, "-i", str(root / "train_src"), "-d", str(ids["t1ce"]), "--modalities", "T1ce"],
@@ -98,6 +101,19 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
         output_folder=str(root / "mgsd_missing"), folds=("all",), device=args.device, num_processes=1,
         num_processes_export=1)
     return collect_seed(root)
+
+
+def _split_real_cases(release: Path, rotation: int, root: Path) -> None:
+    """Real cases for one rotation: case number ``rotation`` (sorted) is held out, the rest train (links only)."""
+    cases = sorted(d for d in release.iterdir() if d.is_dir())
+    if not 2 <= len(cases) or rotation >= len(cases):
+        raise SystemExit(f"error: --real-brats {release}: rotation {rotation} needs at least {rotation + 1} case "
+                         f"folders (and 2 in all); found {len(cases)}")
+    for sub, chosen in (("train_src", [c for i, c in enumerate(cases) if i != rotation]),
+                        ("test_src", [cases[rotation]])):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for case in chosen:
+            (root / sub / case.name).symlink_to(case.resolve())
 
 
 def collect_seed(root: Path) -> dict:
@@ -170,7 +186,7 @@ def run_study(workdir: str, seeds: Sequence[int], args: argparse.Namespace) -> d
     start = time.time()
     per_seed = []
     for seed in seeds:
-        print(f"[study] seed {seed}", flush=True)
+        print(f"[study] {'held-out case' if args.real_brats else 'seed'} {seed}", flush=True)
         per_seed.append(_seed_run(work, seed, args, env))
     return write_report(work, list(seeds), per_seed, args, time.time() - start)
 
@@ -186,8 +202,11 @@ def write_report(work: Path, seeds: List[int], per_seed: List[dict], args: argpa
               "per_seed": per_seed, "summary": summary}
     (work / "study.json").write_text(json.dumps(result, indent=2))
     plot_models(summary, str(work / "study_dice.png"))
-    md = (f"Seeds {list(seeds)}; {args.cases} training and {args.test_cases} held-out synthetic cases of "
-          f"{'x'.join(map(str, args.shape))} voxels per seed; {args.epochs} epochs x {args.iterations} "
+    data = (f"real cases in {args.real_brats}; rotations {list(seeds)} (each holds out that case and trains on "
+            f"the others)" if args.real_brats else
+            f"seeds {list(seeds)}; {args.cases} training and {args.test_cases} held-out synthetic cases of "
+            f"{'x'.join(map(str, args.shape))} voxels per seed")
+    md = (f"{data[0].upper() + data[1:]}; {args.epochs} epochs x {args.iterations} "
           f"iterations per model; device {args.device}"
           f"{f'; {wall_time_s:.0f} s' if np.isfinite(wall_time_s) else ''}.\n\n"
           "Held-out cases, T1ce-only input unless stated (Dice %, HD95 mm; mean ± sd over seeds):\n\n"
@@ -214,6 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("-np", "--num-processes", type=int, default=2)
     p.add_argument("--markdown", help="also write the Markdown tables to this file")
     p.add_argument("--toy", action="store_true", help="smallest run that exercises every step (CI)")
+    p.add_argument("--real-brats", metavar="DIR", help="real cases (one BraTS release folder) instead of "
+                   "synthetic ones: each --seeds value N holds out case N and trains on the others "
+                   "(e.g. --seeds 0 1 2 3 rotates over 4 cases)")
     p.add_argument("--collect", nargs="+", metavar="WORKDIR", help="do not train: combine the seed folders "
                    "(seedN) that earlier runs left in these work dirs into one report in --workdir")
     args = p.parse_args(argv)
