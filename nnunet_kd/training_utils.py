@@ -109,3 +109,22 @@ def average_gradients(module: nn.Module) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world_size
+
+
+def autocast_for(device: torch.device):
+    """nnU-Net's mixed precision: autocast on CUDA, nothing elsewhere (CPU autocast is slow, MPS unsupported)."""
+    from nnunetv2.utilities.helpers import dummy_context
+
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context()
+
+
+def dataset_channels(trainer_name: str, dataset_json: dict, modality_groups) -> list:
+    """Channel indices of each group of modality names, found by name; a ValueError that says how to fix it."""
+    from nnunet_kd.brats import MODALITIES, channel_indices
+
+    channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
+    try:
+        return [channel_indices(channel_names, group) for group in modality_groups]
+    except ValueError as e:
+        raise ValueError(f"{trainer_name}: the dataset's dataset.json cannot serve this trainer: {e}. Convert the "
+                         f"dataset with all of {', '.join(MODALITIES)} (nnunet_kd_convert_brats).") from None

@@ -16,20 +16,20 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import autocast, nn
+from torch import nn
 from torch import distributed as dist
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_kd.brats import MODALITIES, channel_indices
+from nnunet_kd.brats import MODALITIES
 from nnunet_kd.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
 from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttention, StyleDiscriminator,
                                    apply_modality_mask, discriminator_loss, ema_update,
                                    generator_adversarial_loss, sample_modality_masks)
-from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, average_gradients,
-                                      broadcast_module, clip_gradients, read_checkpoint_section)
+from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, autocast_for,
+                                      average_gradients, broadcast_module, clip_gradients, dataset_channels,
+                                      read_checkpoint_section)
 
 
 class nnUNetTrainerModalityDropout(nnUNetTrainer):
@@ -45,15 +45,7 @@ class nnUNetTrainerModalityDropout(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget_overrides(self)
-        channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
-        try:
-            self.modality_channels = channel_indices(channel_names, self.mask_modalities)
-        except ValueError as e:
-            raise ValueError(f"{self.__class__.__name__}: the dataset's dataset.json cannot serve this trainer: "
-                             f"{e}") from None
-
-    def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        self.modality_channels = dataset_channels(self.__class__.__name__, dataset_json, [self.mask_modalities])[0]
 
     def _two_pass_inputs(self, data: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Random per-sample availability masks (B, M) and the full + masked batch stacked to (2B, C, *s)."""
@@ -95,7 +87,7 @@ class nnUNetTrainerModalityDropout(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
         self.optimizer.zero_grad(set_to_none=True)
         _, stacked = self._two_pass_inputs(data)
-        with self._autocast():
+        with autocast_for(self.device):
             full_out, masked_out = self._split(self.network(stacked))
             loss = self.loss(full_out, target) + self.loss(masked_out, target)
         self._backward_and_step(loss, [self.optimizer], [self.network])
@@ -209,7 +201,7 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
         modality_mask, stacked = self._two_pass_inputs(data)
-        with self._autocast():
+        with autocast_for(self.device):
             # One forward over full and masked samples: InstanceNorm is per sample, so this equals two passes.
             full_out, masked_out = self._split(self.network(stacked))
             terms = {"supervised": self.loss(full_out, target) + self.loss(masked_out, target)}

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from torch import autocast, nn
+from torch import nn
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -24,15 +24,15 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_kd.brats import MODALITIES, channel_indices, dataset_modalities
+from nnunet_kd.brats import dataset_modalities
 from nnunet_kd.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
 from nnunet_kd.losses.cdsfl import CDSFL
 from nnunet_kd.losses.kd import response_kd_loss
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
 from nnunet_kd.paths import ensure_trainer_lookup
 from nnunet_kd.model_folder import atomic_write_json, subset_dataset_json, subset_plans
-from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, clip_gradients,
-                                      read_checkpoint_section, sgd_with_poly_lr)
+from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, autocast_for, clip_gradients,
+                                      dataset_channels, read_checkpoint_section, sgd_with_poly_lr)
 
 
 class nnUNetTrainerMTCMKD(nnUNetTrainer):
@@ -69,14 +69,8 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget_overrides(self)
-        channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
-        try:
-            self.student_channels = channel_indices(channel_names, [self.student_modality])
-            self.teacher_channels = [channel_indices(channel_names, mods) for mods in self.teacher_modalities]
-        except ValueError as e:
-            raise ValueError(f"{self.__class__.__name__}: the dataset's dataset.json cannot serve this trainer: {e}. "
-                             f"Convert the dataset with all of {', '.join(MODALITIES)} "
-                             f"(nnunet_kd_convert_brats).") from None
+        self.student_channels, *self.teacher_channels = dataset_channels(
+            self.__class__.__name__, dataset_json, [[self.student_modality], *self.teacher_modalities])
         self.student_dataset_json = subset_dataset_json(dataset_json, self.student_channels)
         self.teachers: List[nn.Module] = []
         self.teacher_taps: List[FeatureTap] = []
@@ -161,9 +155,6 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
     def kd_active(self) -> bool:
         return self.current_epoch >= self.kd_start_epoch
 
-    def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
-
     # ------------------------------------------------------------------ forward passes
     def _teacher_forward(self, data: torch.Tensor) -> Tuple[List[List[torch.Tensor]], Dict[int, torch.Tensor]]:
         """Teacher outputs (one deep-supervision list each) and the fused CDSFL logits per level."""
@@ -206,7 +197,7 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher_optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with autocast_for(self.device):
             teacher_outputs, fused = self._teacher_forward(data)
             teacher_loss = self._teacher_loss(teacher_outputs, fused, target)
             student_out = self.network(data[:, self.student_channels])
@@ -271,7 +262,7 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
         result = super().validation_step({**batch, "data": data[:, self.student_channels]})
         data = data.to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
-        with self._autocast():
+        with autocast_for(self.device):
             teacher_outputs, fused = self._teacher_forward(data)
         outputs = {f"teacher{i}": o[0] for i, o in enumerate(teacher_outputs)}
         outputs.update({f"cdsfl{lvl}": fused[lvl] for lvl in self.cdsfl_levels})
