@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
-import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from nnunet_kd.atomic import atomic_write_json, atomic_write_text
 from nnunet_kd.brats import MODALITIES, REGIONS, channel_indices
 from nnunet_kd.evaluation import (LABEL_CONVENTIONS, METRICS, EvaluationError, default_num_processes,
                                   evaluate_pairs, label_mapping, list_cases, mean_metrics)
@@ -70,21 +69,6 @@ def modality_combinations(channel_names: Mapping[int, str]) -> List[Tuple[str, L
 
 def _safe_folder_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "+-_." else "_" for ch in name)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------
@@ -145,7 +129,7 @@ def write_csv(results: Mapping, path: str) -> str:
     for region in REGIONS:
         m = results["mean_over_combinations"][region]
         writer.writerow([MEAN_ROW, region, repr(float(m["dice"])), repr(float(m["hd95"]))])
-    _atomic_write(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
     return path
 
 
@@ -194,7 +178,7 @@ def plot_heatmap(results: Mapping, metric: str, path: str) -> str:
 def write_outputs(results: Mapping, output_folder: str, plots: bool = True) -> List[str]:
     """JSON, CSV and (if ``plots``) the Dice and HD95 heat maps; returns the paths written."""
     stem = os.path.join(output_folder, OUTPUT_STEM)
-    _atomic_write(stem + ".json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(results, stem + ".json")
     written = [stem + ".json", write_csv(results, stem + ".csv")]
     if plots:
         written.append(plot_heatmap(results, "dice", stem + "_dice.png"))

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import multiprocessing
 import os
 import sys
-import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunet_kd.atomic import atomic_write_json, atomic_write_text
 from nnunet_kd.brats import REGIONS, RELEASE_TO_NNUNET, map_labels, region_masks
 
 #: HD95 (mm) assigned when exactly one of prediction and reference is empty (BraTS convention).
@@ -297,21 +296,6 @@ def evaluate_pairs(
 # --------------------------------------------------------------------------------------
 # outputs
 # --------------------------------------------------------------------------------------
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def output_stem(output_json: str) -> str:
     """``metrics.json`` -> ``metrics`` (the prefix of the CSV and the plots)."""
     stem, ext = os.path.splitext(output_json)
@@ -329,7 +313,7 @@ def write_csv(cases: Mapping[str, CaseMetrics], path: str) -> str:
         for region in REGIONS:
             m = cases[case][region]
             writer.writerow([case, region, repr(float(m["dice"])), repr(float(m["hd95"]))])
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
     return path
 
 
@@ -372,7 +356,7 @@ def write_results(results: Mapping, output_json: str, plots: bool = True, csv_fi
 
     Returns the paths written.
     """
-    _atomic_write_text(output_json, json.dumps(results, indent=2) + "\n")
+    atomic_write_json(results, output_json)
     written = [output_json]
     stem = output_stem(output_json)
     if csv_file:

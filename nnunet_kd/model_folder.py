@@ -7,9 +7,6 @@ folder must hold versions of both files cut to the student's channels.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import tempfile
 from typing import Any, Dict, Sequence
 
 
@@ -35,17 +32,3 @@ def subset_plans(plans: Dict[str, Any], channels: Sequence[int]) -> Dict[str, An
             if key in config:
                 config[key] = [config[key][old] for old in channels]
     return out
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=4, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 
 import numpy as np
 
+from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import canonical_modality
 from nnunet_kd.paths import ensure_trainer_lookup
 
@@ -497,14 +498,6 @@ def run_jobs(predictor, jobs: Sequence[Job], save_probabilities: bool = False, n
     return [ofile + ending for _, _, ofile in jobs]
 
 
-def _write_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def predict_with_missing_modalities(
     model_folder: Optional[str],
     input_folder_or_cases: CasesInput,
@@ -554,7 +547,7 @@ def predict_with_missing_modalities(
 
     save_json(predictor.dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
     save_json(predictor.plans_manager.plans, os.path.join(output_folder, "plans.json"), sort_keys=False)
-    _write_json({
+    atomic_write_json({
         "model_folder": model_folder,
         "available": None if available_channels is None else modality_label(channel_names, available_channels),
         "cases": {case: {"available": modality_label(channel_names, files),

@@ -30,7 +30,8 @@ from nnunet_kd.losses.cdsfl import CDSFL
 from nnunet_kd.losses.kd import response_kd_loss
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
 from nnunet_kd.paths import ensure_trainer_lookup
-from nnunet_kd.model_folder import atomic_write_json, subset_dataset_json, subset_plans
+from nnunet_kd.atomic import atomic_write_json
+from nnunet_kd.model_folder import subset_dataset_json, subset_plans
 from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, autocast_for, clip_gradients,
                                       dataset_channels, read_checkpoint_section, sgd_with_poly_lr)
 
