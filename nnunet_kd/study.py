@@ -14,6 +14,11 @@ All are scored on the held-out cases with ``nnunet_kd.evaluation`` (Dice, HD95 f
 ET), and MGSD also over all 15 modality combinations. The mean and spread over seeds go
 to JSON, a Markdown table and a bar plot.
 
+``--ablations`` adds three variants that test the levers of docs/results.md (MTCM-KD with KD from
+epoch 0, with T^2 scaling; MGSD with a lighter modality-level term). ``--resume`` continues an
+interrupted or extended study in the same work dir: finished steps (prepared data, scored
+models) are kept, so adding ``--ablations`` or new seeds trains only what is new.
+
     python -m nnunet_kd.study --workdir study_out --seeds 0 1 2 --cases 16 --test-cases 8 \
         --epochs 4 --iterations 40 --device cpu --markdown docs/results_synthetic.md
 """
@@ -32,6 +37,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from nnunet_kd.atomic import atomic_write_json, atomic_write_text
 from nnunet_kd.demo import _bin, _default_device, _link_channels, _run
 from nnunet_kd.paths import with_trainer_path
 
@@ -44,12 +50,27 @@ MODELS = {
     "modality dropout fed T1ce alone": ("nnUNetTrainerModalityDropout", "full", "available_t1ce"),
     "stock nnU-Net, all four modalities (upper reference)": ("nnUNetTrainerBudget", "full", "all"),
 }
+#: --ablations: the levers the loss-scale analysis points at (docs/results.md), on the same data and budget.
+ABLATIONS = {
+    "ablation: MTCM-KD, KD from epoch 0": ("nnUNetTrainerMTCMKD_KDFromStart", "full", "t1ce_file"),
+    "ablation: MTCM-KD, KD from epoch 0, scaled by T^2": ("nnUNetTrainerMTCMKD_StrongKD", "full", "t1ce_file"),
+    "ablation: MGSD, modality-level weight 5, fed T1ce alone": ("nnUNetTrainerMGSD_LightModalityKD", "full",
+                                                                 "available_t1ce"),
+}
+
+
+def study_models(with_ablations: bool) -> Dict[str, tuple]:
+    """The models a study trains: name -> (trainer, dataset "full" or "t1ce", how it is fed at test time)."""
+    return {**MODELS, **(ABLATIONS if with_ablations else {})}
+
+
+#: Arguments that change the data or the budget: a --resume run must use the same ones.
+STUDY_SETTINGS = ("cases", "test_cases", "shape", "epochs", "iterations", "device", "real_brats")
 
 
 def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, str]) -> dict:
     from nnunet_kd.evaluate_missing import evaluate_missing_modalities
     from nnunet_kd.evaluation import evaluate_folders
-    from nnunet_kd.synthetic import generate_dataset
 
     root = work / f"seed{seed}"
     logs = root / "logs"
@@ -57,6 +78,49 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
     env = dict(env, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                nnUNet_results=str(root / "results"))
     ids = {"full": 600, "t1ce": 601, "test": 602, "test_t1ce": 603}
+    prepared = root / "prepared.done"
+    if not prepared.exists():
+        _prepare_seed(root, seed, args, env, ids, logs)
+        atomic_write_text(str(prepared), "data converted, planned and preprocessed\n")
+    raw = root / "raw"
+    test = next(raw.glob(f"Dataset{ids['test']}_*"))
+    test_t1ce = next(raw.glob(f"Dataset{ids['test_t1ce']}_*"))
+    for name, (trainer, dataset, feed) in study_models(args.ablations).items():
+        slug = f"{trainer}_{dataset}"
+        scores = root / f"scores_{slug}.json"
+        if scores.exists():  # left by an earlier run of this study (--resume)
+            continue
+        dataset_id = str(ids[dataset])
+        _run(f"train_{slug}", [_bin("nnUNetv2_train"), dataset_id, "3d_fullres", "all", "-tr", trainer,
+                               "-device", args.device], env, logs)
+        out = root / "predictions" / slug
+        common = ["-o", str(out), "-d", dataset_id, "-c", "3d_fullres", "-tr", trainer, "-f", "all",
+                  "-device", args.device, "-npp", "1", "-nps", "1"]
+        if feed == "available_t1ce":
+            _run(f"predict_{slug}", [_bin("nnunet_kd_predict"), "-i", str(root / "inputs_T1ce_numbered"),
+                                     "--available", "T1ce"] + common, env, logs)
+        else:
+            images = test_t1ce / "imagesTr" if feed == "t1ce_file" else test / "imagesTr"
+            _run(f"predict_{slug}", [_bin("nnUNetv2_predict"), "-i", str(images)] + common, env, logs)
+        evaluate_folders(str(test / "labelsTr"), str(out), str(scores), num_processes=1, progress=False)
+    if not (root / "mgsd_missing" / "missing_modalities.json").exists():
+        os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+        evaluate_missing_modalities(
+            model_folder=str(next((root / "results").glob(f"Dataset{ids['full']}_*"))
+                             / "nnUNetTrainerMGSD__nnUNetPlans__3d_fullres"),
+            images_folder=str(test / "imagesTr"), labels_folder=str(test / "labelsTr"),
+            output_folder=str(root / "mgsd_missing"), folds=("all",), device=args.device, num_processes=1,
+            num_processes_export=1)
+    return collect_seed(root, args.ablations)
+
+
+def _prepare_seed(root: Path, seed: int, args: argparse.Namespace, env: Dict[str, str], ids: Dict[str, int],
+                  logs: Path) -> None:
+    """Training and test cases for one seed, converted to nnU-Net datasets; the training sets planned."""
+    from nnunet_kd.synthetic import generate_dataset
+
+    for partial in ("train_src", "test_src", "raw", "preprocessed", "inputs_T1ce_numbered"):
+        shutil.rmtree(root / partial, ignore_errors=True)  # from an interrupted preparation
     if args.real_brats:
         _split_real_cases(Path(args.real_brats), seed, root)
     else:
@@ -73,34 +137,8 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
     for kind in ("full", "t1ce"):
         _run(f"plan_{kind}", [_bin("nnUNetv2_plan_and_preprocess"), "-d", str(ids[kind]), "-c", "3d_fullres",
                               "-np", str(args.num_processes)], env, logs)
-    raw = root / "raw"
-    test = next(raw.glob(f"Dataset{ids['test']}_*"))
-    test_t1ce = next(raw.glob(f"Dataset{ids['test_t1ce']}_*"))
+    test = next((root / "raw").glob(f"Dataset{ids['test']}_*"))
     _link_channels(test / "imagesTr", [1], root / "inputs_T1ce_numbered")
-    for name, (trainer, dataset, feed) in MODELS.items():
-        slug = f"{trainer}_{dataset}"
-        dataset_id = str(ids[dataset])
-        _run(f"train_{slug}", [_bin("nnUNetv2_train"), dataset_id, "3d_fullres", "all", "-tr", trainer,
-                               "-device", args.device], env, logs)
-        out = root / "predictions" / slug
-        common = ["-o", str(out), "-d", dataset_id, "-c", "3d_fullres", "-tr", trainer, "-f", "all",
-                  "-device", args.device, "-npp", "1", "-nps", "1"]
-        if feed == "available_t1ce":
-            _run(f"predict_{slug}", [_bin("nnunet_kd_predict"), "-i", str(root / "inputs_T1ce_numbered"),
-                                     "--available", "T1ce"] + common, env, logs)
-        else:
-            images = test_t1ce / "imagesTr" if feed == "t1ce_file" else test / "imagesTr"
-            _run(f"predict_{slug}", [_bin("nnUNetv2_predict"), "-i", str(images)] + common, env, logs)
-        evaluate_folders(str(test / "labelsTr"), str(out), str(root / f"scores_{slug}.json"), num_processes=1,
-                         progress=False)
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    evaluate_missing_modalities(
-        model_folder=str(next((root / "results").glob(f"Dataset{ids['full']}_*"))
-                         / "nnUNetTrainerMGSD__nnUNetPlans__3d_fullres"),
-        images_folder=str(test / "imagesTr"), labels_folder=str(test / "labelsTr"),
-        output_folder=str(root / "mgsd_missing"), folds=("all",), device=args.device, num_processes=1,
-        num_processes_export=1)
-    return collect_seed(root)
 
 
 def _split_real_cases(release: Path, rotation: int, root: Path) -> None:
@@ -116,10 +154,10 @@ def _split_real_cases(release: Path, rotation: int, root: Path) -> None:
             (root / sub / case.name).symlink_to(case.resolve())
 
 
-def collect_seed(root: Path) -> dict:
+def collect_seed(root: Path, with_ablations: bool = False) -> dict:
     """One seed's mean scores, read back from the score files its run wrote."""
     models = {}
-    for name, (trainer, dataset, _) in MODELS.items():
+    for name, (trainer, dataset, _) in study_models(with_ablations).items():
         models[name] = json.loads((root / f"scores_{trainer}_{dataset}.json").read_text())["mean"]
     missing = json.loads((root / "mgsd_missing" / "missing_modalities.json").read_text())
     return {"models": models, "mgsd_combinations": {c: v["mean"] for c, v in missing["combinations"].items()}}
@@ -173,9 +211,19 @@ def plot_models(summary: dict, png: str) -> None:
 
 def run_study(workdir: str, seeds: Sequence[int], args: argparse.Namespace) -> dict:
     work = Path(workdir).resolve()
-    if work.exists():
+    settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
+                if k in STUDY_SETTINGS}
+    settings_file = work / "study_settings.json"
+    if args.resume and settings_file.exists():
+        earlier = json.loads(settings_file.read_text())
+        changed = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
+        if changed:
+            raise SystemExit(f"error: --resume: {workdir} was run with other settings: " + ", ".join(
+                f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items()))
+    elif work.exists() and not args.resume:
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings, str(settings_file))
     env = with_trainer_path()
     env.update({"nnUNet_kd_num_epochs": str(args.epochs), "nnUNet_kd_iterations_per_epoch": str(args.iterations),
                 "nnUNet_kd_val_iterations": str(max(1, args.iterations // 5)),
@@ -198,9 +246,9 @@ def write_report(work: Path, seeds: List[int], per_seed: List[dict], args: argpa
     result = {"date": date.today().isoformat(), "device": args.device, "host": platform.node(),
               "command": " ".join(sys.argv), "seeds": list(seeds), "cases": args.cases,
               "test_cases": args.test_cases, "shape": list(args.shape), "epochs": args.epochs,
-              "iterations_per_epoch": args.iterations, "wall_time_s": wall_time_s,
+              "iterations_per_epoch": args.iterations, "ablations": args.ablations, "wall_time_s": wall_time_s,
               "per_seed": per_seed, "summary": summary}
-    (work / "study.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(result, str(work / "study.json"))
     plot_models(summary, str(work / "study_dice.png"))
     data = (f"real cases in {args.real_brats}; rotations {list(seeds)} (each holds out that case and trains on "
             f"the others)" if args.real_brats else
@@ -213,9 +261,9 @@ def write_report(work: Path, seeds: List[int], per_seed: List[dict], args: argpa
           + markdown_table(summary, "models", "model") +
           "\n\nMGSD over all 15 modality combinations:\n\n" + markdown_table(summary, "mgsd_combinations",
                                                                             "available modalities") + "\n")
-    (work / "study.md").write_text(md)
+    atomic_write_text(str(work / "study.md"), md)
     if args.markdown:
-        Path(args.markdown).write_text(md)
+        atomic_write_text(args.markdown, md)
     print(md)
     return result
 
@@ -236,6 +284,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--real-brats", metavar="DIR", help="real cases (one BraTS release folder) instead of "
                    "synthetic ones: each --seeds value N holds out case N and trains on the others "
                    "(e.g. --seeds 0 1 2 3 rotates over 4 cases)")
+    p.add_argument("--ablations", action="store_true", help="also train the ablation variants (MTCM-KD with KD "
+                   "from epoch 0, with T^2 scaling; MGSD with a lighter modality-level term)")
+    p.add_argument("--resume", action="store_true", help="keep --workdir and skip what an earlier run with the "
+                   "same settings finished (prepared data, scored models, the MGSD combination table)")
     p.add_argument("--collect", nargs="+", metavar="WORKDIR", help="do not train: combine the seed folders "
                    "(seedN) that earlier runs left in these work dirs into one report in --workdir")
     args = p.parse_args(argv)
@@ -256,7 +308,7 @@ def collect_report(args: argparse.Namespace) -> dict:
     if not seed_dirs:
         raise SystemExit(f"error: no seedN folders in {' '.join(args.collect)}")
     try:
-        per_seed = [collect_seed(d) for d in seed_dirs]
+        per_seed = [collect_seed(d, args.ablations) for d in seed_dirs]
     except FileNotFoundError as e:
         raise SystemExit(f"error: incomplete seed folder: {e.filename} is missing") from None
     work = Path(args.workdir).resolve()

@@ -35,3 +35,24 @@ def test_study_runs_at_toy_size(tmp_path):
         assert all(0 <= regions[r]["dice"]["mean"] <= 1 for r in ("WT", "TC", "ET"))
     assert (work / "study_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "MGSD over all 15 modality combinations" in (work / "study.md").read_text()
+
+    # --resume with other settings is refused and leaves the work dir as it was.
+    scores = sorted((work / "seed0").glob("scores_*.json"))
+    stamps = [f.stat().st_mtime_ns for f in scores]
+    proc = run([bin_path("python"), "-m", "nnunet_kd.study", "--seeds", "0", "--workdir", str(work), "--cases", "2",
+                "--test-cases", "1", "--shape", "32", "32", "32", "--epochs", "2", "--iterations", "1",
+                "--device", "cpu", "--resume"], env, check=False)
+    assert proc.returncode != 0 and "epochs was 1, now 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert [f.stat().st_mtime_ns for f in scores] == stamps
+
+    # --resume --ablations trains only the three ablation variants; the five finished models are kept.
+    run([bin_path("python"), "-m", "nnunet_kd.study", "--toy", "--seeds", "0", "--workdir", str(work),
+         "--device", "cpu", "-np", "1", "--resume", "--ablations"], env, timeout=1500)
+    assert [f.stat().st_mtime_ns for f in scores] == stamps
+    trained = sorted(f.name[len("train_"):-len("_full.log")] for f in (work / "seed0" / "logs").glob("train_*_full.log"))
+    assert trained == sorted(["nnUNetTrainerBudget", "nnUNetTrainerMGSD", "nnUNetTrainerMTCMKD",
+                              "nnUNetTrainerModalityDropout", "nnUNetTrainerMTCMKD_KDFromStart",
+                              "nnUNetTrainerMTCMKD_StrongKD", "nnUNetTrainerMGSD_LightModalityKD"])
+    result = json.loads((work / "study.json").read_text())
+    assert len(result["summary"]["models"]) == 8 and result["ablations"]
+    assert sum(name.startswith("ablation:") for name in result["summary"]["models"]) == 3

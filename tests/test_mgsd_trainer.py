@@ -9,7 +9,7 @@ import nnunet_kd.trainers.nnUNetTrainerMGSD as mgsd_module
 from conftest import DATASET_ID, bin_path, load_trainer, run, synthetic_batch
 from nnunet_kd.features import unwrap_network
 from nnunet_kd.trainers.nnUNetTrainerMGSD import (nnUNetTrainerMGSD, nnUNetTrainerMGSD_adv,
-                                                  nnUNetTrainerModalityDropout)
+                                                  nnUNetTrainerMGSD_LightModalityKD, nnUNetTrainerModalityDropout)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,18 @@ def test_every_distillation_term_has_gradient(trainer):
         value.backward(retain_graph=True)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.network.parameters()), name
     assert all(p.grad is None for p in trainer.ema_network.parameters())
+
+
+@pytest.mark.parametrize("cls, modality_weight", [(nnUNetTrainerMGSD, 50.0), (nnUNetTrainerMGSD_LightModalityKD, 5.0)])
+def test_step_loss_is_the_weighted_sum_of_its_terms(brats_dataset, cls, modality_weight):
+    t = load_trainer(brats_dataset, cls)
+    t.on_train_epoch_start()
+    out = t.train_step(synthetic_batch(t, seed=4))
+    terms = t._term_sums  # one step since the epoch started: the sums are this step's terms
+    assert terms["_n"] == 1 and terms["modality"] > 0
+    expected = (terms["supervised"] + 10 / 3 * terms["image"] + 50 / 3 * terms["feature"]
+                + modality_weight * terms["modality"])
+    assert float(out["loss"]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 def test_loss_finite_with_one_modality(trainer, monkeypatch):

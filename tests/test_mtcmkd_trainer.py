@@ -10,8 +10,9 @@ import torch
 from conftest import load_trainer, synthetic_batch
 from nnunet_kd.features import unwrap_network
 from nnunet_kd.trainers.nnUNetTrainerMTCMKD import (nnUNetTrainerMTCMKD, nnUNetTrainerMTCMKD_AllLevels,
-                                                    nnUNetTrainerMTCMKD_FrozenTeachers,
-                                                    nnUNetTrainerMTCMKD_MultimodalTeacher, nnUNetTrainerMTCMKD_T1)
+                                                    nnUNetTrainerMTCMKD_FrozenTeachers, nnUNetTrainerMTCMKD_KDFromStart,
+                                                    nnUNetTrainerMTCMKD_MultimodalTeacher, nnUNetTrainerMTCMKD_StrongKD,
+                                                    nnUNetTrainerMTCMKD_T1)
 
 
 def first_conv_in_channels(network) -> int:
@@ -64,20 +65,42 @@ def _losses(trainer, batch, epoch):
     return outputs, fused, teacher_loss, student_out, trainer._student_loss(student_out, outputs, fused, target)
 
 
+def _reference_terms(trainer, batch, outputs, fused, student_out) -> dict:
+    """The student-loss terms of METHODS.md, computed one by one."""
+    target = batch["target"]
+    return {"seg": trainer.loss(student_out, target), "ds_seg": trainer.loss.loss(student_out[1], target[1]),
+            "kd": sum(w * trainer._kd(student_out[0], o[0])
+                      for w, o in zip(trainer.performance_weights.tolist(), outputs)),
+            "ds_kd": trainer._kd(student_out[1], fused[1])}
+
+
 def test_student_loss_before_and_after_kd_start(trainer):
     batch = synthetic_batch(trainer)
-    target = batch["target"]
     with torch.no_grad():
         outputs, fused, _, student_out, loss_epoch0 = _losses(trainer, batch, 0)
-        seg = trainer.loss(student_out, target)
-        ds_seg = trainer.loss.loss(student_out[1], target[1])
-        assert torch.isclose(loss_epoch0, 0.75 * seg + 0.10 * 0.7 * ds_seg, rtol=1e-5)
+        t = _reference_terms(trainer, batch, outputs, fused, student_out)
+        assert torch.isclose(loss_epoch0, 0.75 * t["seg"] + 0.10 * 0.7 * t["ds_seg"], rtol=1e-5)
         _, _, _, _, loss_epoch1 = _losses(trainer, batch, 1)
-        kd = sum(w * trainer._kd(student_out[0], o[0]) for w, o in zip(trainer.performance_weights.tolist(), outputs))
-        ds_kd = trainer._kd(student_out[1], fused[1])
-        assert kd > 0 and ds_kd > 0
-        assert torch.isclose(loss_epoch1, loss_epoch0 + kd + 0.10 * 0.3 * ds_kd, rtol=1e-5)
+        assert t["kd"] > 0 and t["ds_kd"] > 0
+        assert torch.isclose(loss_epoch1, loss_epoch0 + t["kd"] + 0.10 * 0.3 * t["ds_kd"], rtol=1e-5)
     trainer.current_epoch = 0
+
+
+@pytest.mark.parametrize("cls, kd_scale", [(nnUNetTrainerMTCMKD_KDFromStart, 1.0),
+                                           (nnUNetTrainerMTCMKD_StrongKD, 20.0)])
+def test_kd_variants_distil_from_epoch_0(trainer, brats_dataset, cls, kd_scale):
+    variant = load_trainer(brats_dataset, cls)
+    batch = synthetic_batch(variant)
+    with torch.no_grad():
+        outputs, fused, _, student_out, loss_epoch0 = _losses(variant, batch, 0)
+        t = _reference_terms(variant, batch, outputs, fused, student_out)
+        assert t["kd"] > 0
+        assert torch.isclose(loss_epoch0, 0.75 * t["seg"] + t["kd"] + 0.10 * (0.7 * t["ds_seg"] + 0.3 * t["ds_kd"]),
+                             rtol=1e-5)
+        # T^2 instead of T scaling: at T = 20 the same logits give 20 times the reference KD.
+        reference_kd = trainer._kd(student_out[0], outputs[0][0])
+        assert torch.isclose(variant._kd(student_out[0], outputs[0][0]), kd_scale * reference_kd, rtol=1e-4)
+    variant.current_epoch = 0
 
 
 def test_gradients_reach_student_every_teacher_and_cdsfl_separately(trainer):

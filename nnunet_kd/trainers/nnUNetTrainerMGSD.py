@@ -248,6 +248,16 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         self.aux_optimizer.load_state_dict(state["aux_optimizer_state"])
 
 
+class nnUNetTrainerMGSD_LightModalityKD(nnUNetTrainerMGSD):
+    """MGSD with the modality-level (mutual attention) term weighted 5 instead of 50.
+
+    At the reference weight that term is several times the supervised loss in the first
+    epoch; at 5 it starts at about the supervised loss's size.
+    """
+
+    modality_kd_weight = 5.0
+
+
 class nnUNetTrainerMGSD_adv(nnUNetTrainerMGSD):
     """MGSD plus the reference script's style discriminator between full and masked outputs."""
 

@@ -356,6 +356,25 @@ class nnUNetTrainerMTCMKD_MultimodalTeacher(nnUNetTrainerMTCMKD):
     teacher_modalities = (("T1", "T1ce", "T2", "FLAIR"),)
 
 
+class nnUNetTrainerMTCMKD_KDFromStart(nnUNetTrainerMTCMKD):
+    """Response KD from the first epoch on (the reference starts it after the first epoch).
+
+    Before the first performance measurement every teacher gets ``initial_kd_weight``.
+    """
+
+    kd_start_epoch = 0
+
+
+class nnUNetTrainerMTCMKD_StrongKD(nnUNetTrainerMTCMKD_KDFromStart):
+    """Response KD scaled by T^2 (Hinton et al.) instead of T, from the first epoch on.
+
+    With T^2 the KD gradient no longer shrinks as the temperature grows, so at T = 20 the KD
+    term is 20 times the reference's. For short budgets, where the reference KD barely acts.
+    """
+
+    kd_temperature_power = 2
+
+
 class nnUNetTrainerMTCMKD_AllLevels(nnUNetTrainerMTCMKD):
     """CDSFL at every deep-supervision level below full resolution (the paper uses only half resolution)."""
 
