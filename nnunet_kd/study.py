@@ -59,9 +59,21 @@ ABLATIONS = {
 }
 
 
-def study_models(with_ablations: bool) -> Dict[str, tuple]:
-    """The models a study trains: name -> (trainer, dataset "full" or "t1ce", how it is fed at test time)."""
-    return {**MODELS, **(ABLATIONS if with_ablations else {})}
+def study_models(with_ablations: bool, only: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
+    """The models a study trains: name -> (trainer, dataset "full" or "t1ce", how it is fed at test time).
+
+    ``only``: keep just these models, named by their ``TRAINER_DATASET`` slug (e.g. ``nnUNetTrainerMTCMKD_full``).
+    """
+    models = {**MODELS, **(ABLATIONS if with_ablations else {})}
+    return {name: m for name, m in models.items() if not only or model_slug(m) in only}
+
+
+def model_slug(model: tuple) -> str:
+    """File-name form of a study model: ``TRAINER_DATASET``."""
+    return f"{model[0]}_{model[1]}"
+
+
+MGSD_SLUG = "nnUNetTrainerMGSD_full"
 
 
 #: Arguments that change the data or the budget: a --resume run must use the same ones.
@@ -85,8 +97,8 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
     raw = root / "raw"
     test = next(raw.glob(f"Dataset{ids['test']}_*"))
     test_t1ce = next(raw.glob(f"Dataset{ids['test_t1ce']}_*"))
-    for name, (trainer, dataset, feed) in study_models(args.ablations).items():
-        slug = f"{trainer}_{dataset}"
+    for name, (trainer, dataset, feed) in study_models(args.ablations, args.only).items():
+        slug = model_slug((trainer, dataset))
         scores = root / f"scores_{slug}.json"
         if scores.exists():  # left by an earlier run of this study (--resume)
             continue
@@ -103,7 +115,7 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
             images = test_t1ce / "imagesTr" if feed == "t1ce_file" else test / "imagesTr"
             _run(f"predict_{slug}", [_bin("nnUNetv2_predict"), "-i", str(images)] + common, env, logs)
         evaluate_folders(str(test / "labelsTr"), str(out), str(scores), num_processes=1, progress=False)
-    if not (root / "mgsd_missing" / "missing_modalities.json").exists():
+    if _with_mgsd_table(args) and not (root / "mgsd_missing" / "missing_modalities.json").exists():
         os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
         evaluate_missing_modalities(
             model_folder=str(next((root / "results").glob(f"Dataset{ids['full']}_*"))
@@ -111,7 +123,12 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
             images_folder=str(test / "imagesTr"), labels_folder=str(test / "labelsTr"),
             output_folder=str(root / "mgsd_missing"), folds=("all",), device=args.device, num_processes=1,
             num_processes_export=1)
-    return collect_seed(root, args.ablations)
+    return collect_seed(root, args)
+
+
+def _with_mgsd_table(args: argparse.Namespace) -> bool:
+    """MGSD's 15-combination table is made whenever MGSD is one of the study's models."""
+    return not args.only or MGSD_SLUG in args.only
 
 
 def _prepare_seed(root: Path, seed: int, args: argparse.Namespace, env: Dict[str, str], ids: Dict[str, int],
@@ -154,13 +171,16 @@ def _split_real_cases(release: Path, rotation: int, root: Path) -> None:
             (root / sub / case.name).symlink_to(case.resolve())
 
 
-def collect_seed(root: Path, with_ablations: bool = False) -> dict:
+def collect_seed(root: Path, args: argparse.Namespace) -> dict:
     """One seed's mean scores, read back from the score files its run wrote."""
     models = {}
-    for name, (trainer, dataset, _) in study_models(with_ablations).items():
-        models[name] = json.loads((root / f"scores_{trainer}_{dataset}.json").read_text())["mean"]
-    missing = json.loads((root / "mgsd_missing" / "missing_modalities.json").read_text())
-    return {"models": models, "mgsd_combinations": {c: v["mean"] for c, v in missing["combinations"].items()}}
+    for name, model in study_models(args.ablations, args.only).items():
+        models[name] = json.loads((root / f"scores_{model_slug(model)}.json").read_text())["mean"]
+    combinations = {}
+    if _with_mgsd_table(args):
+        missing = json.loads((root / "mgsd_missing" / "missing_modalities.json").read_text())
+        combinations = {c: v["mean"] for c, v in missing["combinations"].items()}
+    return {"models": models, "mgsd_combinations": combinations}
 
 
 def summarise(per_seed: List[dict]) -> dict:
@@ -246,7 +266,8 @@ def write_report(work: Path, seeds: List[int], per_seed: List[dict], args: argpa
     result = {"date": date.today().isoformat(), "device": args.device, "host": platform.node(),
               "command": " ".join(sys.argv), "seeds": list(seeds), "cases": args.cases,
               "test_cases": args.test_cases, "shape": list(args.shape), "epochs": args.epochs,
-              "iterations_per_epoch": args.iterations, "ablations": args.ablations, "wall_time_s": wall_time_s,
+              "iterations_per_epoch": args.iterations, "ablations": args.ablations, "only": args.only,
+              "wall_time_s": wall_time_s,
               "per_seed": per_seed, "summary": summary}
     atomic_write_json(result, str(work / "study.json"))
     plot_models(summary, str(work / "study_dice.png"))
@@ -258,9 +279,10 @@ def write_report(work: Path, seeds: List[int], per_seed: List[dict], args: argpa
           f"iterations per model; device {args.device}"
           f"{f'; {wall_time_s:.0f} s' if np.isfinite(wall_time_s) else ''}.\n\n"
           "Held-out cases, T1ce-only input unless stated (Dice %, HD95 mm; mean ± sd over seeds):\n\n"
-          + markdown_table(summary, "models", "model") +
-          "\n\nMGSD over all 15 modality combinations:\n\n" + markdown_table(summary, "mgsd_combinations",
-                                                                            "available modalities") + "\n")
+          + markdown_table(summary, "models", "model") + "\n")
+    if summary["mgsd_combinations"]:
+        md += ("\nMGSD over all 15 modality combinations:\n\n"
+               + markdown_table(summary, "mgsd_combinations", "available modalities") + "\n")
     atomic_write_text(str(work / "study.md"), md)
     if args.markdown:
         atomic_write_text(args.markdown, md)
@@ -286,6 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "(e.g. --seeds 0 1 2 3 rotates over 4 cases)")
     p.add_argument("--ablations", action="store_true", help="also train the ablation variants (MTCM-KD with KD "
                    "from epoch 0, with T^2 scaling; MGSD with a lighter modality-level term)")
+    p.add_argument("--only", nargs="+", metavar="TRAINER_DATASET", help="train just these models, named as in "
+                   "the score files: " + ", ".join(model_slug(m) for m in {**MODELS, **ABLATIONS}.values()))
     p.add_argument("--resume", action="store_true", help="keep --workdir and skip what an earlier run with the "
                    "same settings finished (prepared data, scored models, the MGSD combination table)")
     p.add_argument("--collect", nargs="+", metavar="WORKDIR", help="do not train: combine the seed folders "
@@ -296,6 +320,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.cases, args.test_cases, args.shape, args.epochs, args.iterations = 2, 1, (32, 32, 32), 1, 1
     if args.cases < 2 or args.test_cases < 1:
         p.error("--cases must be at least 2 and --test-cases at least 1")
+    known = [model_slug(m) for m in study_models(args.ablations).values()]
+    unknown = [slug for slug in args.only or () if slug not in known]
+    if unknown:
+        p.error(f"--only: unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}"
+                f"{'' if args.ablations else ' (the ablation variants need --ablations)'}")
     if args.collect:
         collect_report(args)
     else:
@@ -308,7 +337,7 @@ def collect_report(args: argparse.Namespace) -> dict:
     if not seed_dirs:
         raise SystemExit(f"error: no seedN folders in {' '.join(args.collect)}")
     try:
-        per_seed = [collect_seed(d, args.ablations) for d in seed_dirs]
+        per_seed = [collect_seed(d, args) for d in seed_dirs]
     except FileNotFoundError as e:
         raise SystemExit(f"error: incomplete seed folder: {e.filename} is missing") from None
     work = Path(args.workdir).resolve()

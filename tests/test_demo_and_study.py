@@ -45,14 +45,21 @@ def test_study_runs_at_toy_size(tmp_path):
     assert proc.returncode != 0 and "epochs was 1, now 2" in proc.stderr and "Traceback" not in proc.stderr
     assert [f.stat().st_mtime_ns for f in scores] == stamps
 
-    # --resume --ablations trains only the three ablation variants; the five finished models are kept.
+    # --resume --ablations --only: trains just the one new model asked for; the finished ones are kept.
     run([bin_path("python"), "-m", "nnunet_kd.study", "--toy", "--seeds", "0", "--workdir", str(work),
-         "--device", "cpu", "-np", "1", "--resume", "--ablations"], env, timeout=1500)
+         "--device", "cpu", "-np", "1", "--resume", "--ablations", "--only", "nnUNetTrainerMTCMKD_StrongKD_full",
+         "nnUNetTrainerMGSD_full"], env, timeout=1500)
     assert [f.stat().st_mtime_ns for f in scores] == stamps
-    trained = sorted(f.name[len("train_"):-len("_full.log")] for f in (work / "seed0" / "logs").glob("train_*_full.log"))
-    assert trained == sorted(["nnUNetTrainerBudget", "nnUNetTrainerMGSD", "nnUNetTrainerMTCMKD",
-                              "nnUNetTrainerModalityDropout", "nnUNetTrainerMTCMKD_KDFromStart",
-                              "nnUNetTrainerMTCMKD_StrongKD", "nnUNetTrainerMGSD_LightModalityKD"])
+    trained = sorted(f.name[len("train_"):-len(".log")] for f in (work / "seed0" / "logs").glob("train_*.log"))
+    assert trained == sorted(["nnUNetTrainerBudget_t1ce", "nnUNetTrainerBudget_full", "nnUNetTrainerMGSD_full",
+                              "nnUNetTrainerMTCMKD_full", "nnUNetTrainerModalityDropout_full",
+                              "nnUNetTrainerMTCMKD_StrongKD_full"])
     result = json.loads((work / "study.json").read_text())
-    assert len(result["summary"]["models"]) == 8 and result["ablations"]
-    assert sum(name.startswith("ablation:") for name in result["summary"]["models"]) == 3
+    assert list(result["summary"]["models"]) == ["MGSD fed T1ce alone",
+                                                 "ablation: MTCM-KD, KD from epoch 0, scaled by T^2"]
+    assert len(result["summary"]["mgsd_combinations"]) == 15
+
+    proc = run([bin_path("python"), "-m", "nnunet_kd.study", "--toy", "--only", "nnUNetTrainerMTCMKD_StrongKD_full"],
+               env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown model(s) nnUNetTrainerMTCMKD_StrongKD_full" in proc.stderr and "need --ablations" in proc.stderr
