@@ -73,7 +73,12 @@ def model_slug(model: tuple) -> str:
     return f"{model[0]}_{model[1]}"
 
 
-MGSD_SLUG = "nnUNetTrainerMGSD_full"
+MGSD_SLUG = model_slug(MODELS["MGSD fed T1ce alone"])
+
+
+def _mgsd_table_file(root: Path) -> Path:
+    """Where a seed's MGSD 15-combination table is written."""
+    return root / "mgsd_missing" / "missing_modalities.json"
 
 
 #: Arguments that change the data or the budget: a --resume run must use the same ones.
@@ -97,8 +102,9 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
     raw = root / "raw"
     test = next(raw.glob(f"Dataset{ids['test']}_*"))
     test_t1ce = next(raw.glob(f"Dataset{ids['test_t1ce']}_*"))
-    for name, (trainer, dataset, feed) in study_models(args.ablations, args.only).items():
-        slug = model_slug((trainer, dataset))
+    for name, model in study_models(args.ablations, args.only).items():
+        trainer, dataset, feed = model
+        slug = model_slug(model)
         scores = root / f"scores_{slug}.json"
         if scores.exists():  # left by an earlier run of this study (--resume)
             continue
@@ -115,13 +121,13 @@ def _seed_run(work: Path, seed: int, args: argparse.Namespace, env: Dict[str, st
             images = test_t1ce / "imagesTr" if feed == "t1ce_file" else test / "imagesTr"
             _run(f"predict_{slug}", [_bin("nnUNetv2_predict"), "-i", str(images)] + common, env, logs)
         evaluate_folders(str(test / "labelsTr"), str(out), str(scores), num_processes=1, progress=False)
-    if _with_mgsd_table(args) and not (root / "mgsd_missing" / "missing_modalities.json").exists():
+    if _with_mgsd_table(args) and not _mgsd_table_file(root).exists():
         os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
         evaluate_missing_modalities(
             model_folder=str(next((root / "results").glob(f"Dataset{ids['full']}_*"))
                              / "nnUNetTrainerMGSD__nnUNetPlans__3d_fullres"),
             images_folder=str(test / "imagesTr"), labels_folder=str(test / "labelsTr"),
-            output_folder=str(root / "mgsd_missing"), folds=("all",), device=args.device, num_processes=1,
+            output_folder=str(_mgsd_table_file(root).parent), folds=("all",), device=args.device, num_processes=1,
             num_processes_export=1)
     return collect_seed(root, args)
 
@@ -178,7 +184,7 @@ def collect_seed(root: Path, args: argparse.Namespace) -> dict:
         models[name] = json.loads((root / f"scores_{model_slug(model)}.json").read_text())["mean"]
     combinations = {}
     if _with_mgsd_table(args):
-        missing = json.loads((root / "mgsd_missing" / "missing_modalities.json").read_text())
+        missing = json.loads(_mgsd_table_file(root).read_text())
         combinations = {c: v["mean"] for c, v in missing["combinations"].items()}
     return {"models": models, "mgsd_combinations": combinations}
 

@@ -1,6 +1,7 @@
 """Small pieces shared by the plugin's trainers (kept outside nnunet_kd/trainers/, which nnU-Net scans)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any, Iterable
@@ -8,6 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import distributed as dist
 from torch import nn
+
+from nnunet_kd.brats import MODALITIES, channel_indices
 
 #: Environment variables that shorten training (tests, demos, studies): name -> trainer attribute.
 BUDGET_ENV = {
@@ -113,15 +116,11 @@ def average_gradients(module: nn.Module) -> None:
 
 def autocast_for(device: torch.device):
     """nnU-Net's mixed precision: autocast on CUDA, nothing elsewhere (CPU autocast is slow, MPS unsupported)."""
-    from nnunetv2.utilities.helpers import dummy_context
-
-    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context()
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def dataset_channels(trainer_name: str, dataset_json: dict, modality_groups) -> list:
     """Channel indices of each group of modality names, found by name; a ValueError that says how to fix it."""
-    from nnunet_kd.brats import MODALITIES, channel_indices
-
     channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
     try:
         return [channel_indices(channel_names, group) for group in modality_groups]
