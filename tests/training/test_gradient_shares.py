@@ -1,0 +1,42 @@
+"""Gradient shares at the outputs: known values, no gradient leaks into the outputs, averaging."""
+import pytest
+import torch
+
+from nnunet_kd.training.gradient_shares import GradientShareMeter, gradient_norms
+
+
+def test_norms_have_known_values_and_leave_graphs_usable():
+    logits = torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True)
+    out = logits * 1.0
+    # d(sum x^2)/dx = 2x; d(3 * mean x)/dx = 3/4 everywhere
+    terms = {"sq": out.pow(2).sum(), "mean": 3 * out.mean(), "const": torch.tensor(1.0)}
+    norms = gradient_norms(terms, [out])
+    assert norms["sq"] == pytest.approx(2 * logits.detach().norm().item())
+    assert norms["mean"] == pytest.approx((4 * 0.75 ** 2) ** 0.5)
+    assert norms["const"] == 0.0
+    assert logits.grad is None  # measuring does not accumulate gradients
+    (terms["sq"] + terms["mean"]).backward()  # graphs were retained
+    assert torch.allclose(logits.grad, 2 * logits.detach() + 0.75)
+
+
+def test_norm_over_several_outputs_combines_them():
+    a = torch.ones(3, requires_grad=True)
+    b = torch.ones(4, requires_grad=True)
+    norms = gradient_norms({"t": 2 * a.sum() + b.sum()}, [a, b])
+    assert norms["t"] == pytest.approx((3 * 4 + 4 * 1) ** 0.5)
+
+
+def test_meter_averages_steps_and_shares_sum_to_one():
+    meter = GradientShareMeter(["sup", "kd"])
+    for scale in (1.0, 3.0):
+        x = torch.ones(4, requires_grad=True)
+        meter.update({"sup": scale * x.sum(), "kd": x.sum()}, [x])  # norms 2*scale and 2
+    summary = meter.summary()
+    assert summary["norm"]["sup"] == pytest.approx(4.0)
+    assert summary["norm"]["kd"] == pytest.approx(2.0)
+    assert summary["share"]["sup"] == pytest.approx(2 / 3)
+    assert sum(summary["share"].values()) == pytest.approx(1.0)
+    meter.reset()
+    assert meter.summary()["share"] == {"sup": 0.0, "kd": 0.0}
+    with pytest.raises(KeyError, match="unknown loss terms"):
+        meter.update({"other": x.sum()}, [x])
