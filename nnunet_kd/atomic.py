@@ -23,6 +23,23 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a checkpoint."""
+    import torch
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_write_json(obj: Any, path: str, indent: int = 2) -> None:
     """JSON version of :func:`atomic_write_text`."""
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")

@@ -76,6 +76,35 @@ def dataset_modalities(channel_names: Mapping[str, str]) -> List[str]:
     return [canonical_modality(channel_names[k]) for k in sorted(channel_names, key=int)]
 
 
+def channel_names_of(dataset_json: Mapping) -> Dict[int, str]:
+    """``{channel index: name}`` from a dataset.json (``channel_names``, or the old ``modality`` key).
+
+    The one place the package reads channel names; ValueError when the dataset.json has none.
+    """
+    names = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not names:
+        raise ValueError("the dataset.json has no channel_names")
+    return {int(k): str(v) for k, v in sorted(names.items(), key=lambda kv: int(kv[0]))}
+
+
+def display_name(name: str) -> str:
+    """Canonical modality name (T1, T1ce, T2, FLAIR) when ``name`` is a known alias, else ``name``."""
+    try:
+        return canonical_modality(name)
+    except ValueError:
+        return str(name)
+
+
+def modality_label(channel_names: Mapping[int, str], channels: Iterable[int], sep: str = "+") -> str:
+    """``T1ce+FLAIR`` style name of a set of channels (in channel order)."""
+    return sep.join(display_name(channel_names[c]) for c in sorted(channels))
+
+
+def modalities_text(channel_names: Mapping[int, str]) -> str:
+    """``T1 (channel 0), T1ce (channel 1), ...`` for error messages."""
+    return ", ".join(f"{display_name(n)} (channel {c})" for c, n in sorted(channel_names.items()))
+
+
 def release_labels(convention: str) -> Tuple[int, ...]:
     """The label values allowed in segmentations of a release convention."""
     return tuple(sorted(RELEASE_TO_NNUNET[convention]))

@@ -1,0 +1,1 @@
+"""Experiment tools built on nnU-Net's commands: the demo, the distillation study and the benchmark."""
