@@ -25,13 +25,15 @@ setup(
     extras_require={"test": ["pytest>=7"]},
     entry_points={
         "console_scripts": [
-            "nnunet_kd_demo=nnunet_kd.demo:main",
             "nnunet_kd_env=nnunet_kd.paths:main",
-            "nnunet_kd_synthetic=nnunet_kd.synthetic:main",
-            "nnunet_kd_convert_brats=nnunet_kd.convert_brats:main",
-            "nnunet_kd_predict=nnunet_kd.predict:main",
-            "nnunet_kd_evaluate=nnunet_kd.evaluation:main",
-            "nnunet_kd_evaluate_missing=nnunet_kd.evaluate_missing:main",
+            "nnunet_kd_convert_brats=nnunet_kd.conversion.cli:main",
+            "nnunet_kd_predict=nnunet_kd.inference.predict:main",
+            "nnunet_kd_evaluate=nnunet_kd.evaluation.evaluate:main",
+            "nnunet_kd_evaluate_missing=nnunet_kd.evaluation.missing_modalities:main",
+            "nnunet_kd_demo=nnunet_kd.experiments.demo:main",
+            "nnunet_kd_synthetic=nnunet_kd.experiments.synthetic:main",
+            "nnunet_kd_study=nnunet_kd.experiments.study:main",
+            "nnunet_kd_benchmark=nnunet_kd.experiments.benchmark:main",
         ]
     },
 )

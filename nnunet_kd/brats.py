@@ -7,6 +7,7 @@ Labels inside nnU-Net follow nnU-Net's own BraTS convention:
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, Iterable, List, Mapping, Tuple
 
 import numpy as np
@@ -132,3 +133,38 @@ def nnunet_to_release(seg: np.ndarray, convention: str) -> np.ndarray:
 def region_masks(seg: np.ndarray) -> Dict[str, np.ndarray]:
     """Boolean WT/TC/ET masks from a segmentation in nnU-Net labels."""
     return {name: np.isin(seg, members) for name, members in REGIONS.items()}
+
+
+# --------------------------------------------------------------------------------------
+# modality subsets (the missing-modality combinations)
+# --------------------------------------------------------------------------------------
+def all_modality_subsets(num_modalities: int = 4) -> List[Tuple[int, ...]]:
+    """All ``2**M - 1`` non-empty subsets of ``range(M)``, ordered by size, then lexicographically.
+
+    For M = 4: (0,), (1,), (2,), (3,), (0, 1), ..., (0, 1, 2, 3) -- 15 tuples.
+    The order is stable so that evaluation tables line up across runs.
+    """
+    if num_modalities < 1:
+        raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+    return [c for r in range(1, num_modalities + 1) for c in itertools.combinations(range(num_modalities), r)]
+
+
+def modality_order(channel_names: Mapping[int, str]) -> List[int]:
+    """Channels in the order the subsets refer to: T1, T1ce, T2, FLAIR when the dataset has them, else channel order."""
+    try:
+        if len(channel_names) == len(MODALITIES):
+            return channel_indices({str(k): v for k, v in channel_names.items()}, MODALITIES)
+    except ValueError:
+        pass
+    return sorted(channel_names)
+
+
+def modality_combinations(channel_names: Mapping[int, str]) -> List[Tuple[str, List[int]]]:
+    """``[(name, channels)]`` for every non-empty subset of the dataset's modalities, in
+    :func:`all_modality_subsets` order, named like ``T1ce+FLAIR`` (channels sorted)."""
+    order = modality_order(channel_names)
+    out = []
+    for subset in all_modality_subsets(len(order)):
+        channels = [order[m] for m in subset]
+        out.append(("+".join(display_name(channel_names[c]) for c in channels), sorted(channels)))
+    return out

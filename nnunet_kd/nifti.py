@@ -90,11 +90,13 @@ def geometry(image: sitk.Image) -> Geometry:
 
 
 def grid_mismatch(image: sitk.Image, reference: sitk.Image, spacing_rtol: float = 1e-4,
-                  origin_atol: Optional[float] = None, direction_atol: float = 1e-4) -> Optional[str]:
+                  origin_atol: Optional[float] = None, direction_atol: float = 1e-4,
+                  origin_rtol: float = 0.0) -> Optional[str]:
     """What differs between two images' voxel grids (``"spacing (..) differs from (..)"``), or None.
 
-    Compared in order: dimension, size, spacing (relative), origin (absolute; default 1e-4 of the
-    reference's largest spacing, at least 1e-4 mm) and direction (absolute).
+    Compared in order: dimension, size, spacing (relative), origin (absolute, default 1e-4 of the
+    reference's largest spacing and at least 1e-4 mm, plus ``origin_rtol`` relative) and direction
+    (absolute).
     """
     if image.GetDimension() != reference.GetDimension():
         return f"dimension {image.GetDimension()}D differs from {reference.GetDimension()}D"
@@ -106,7 +108,7 @@ def grid_mismatch(image: sitk.Image, reference: sitk.Image, spacing_rtol: float 
         return f"shape {size} differs from {size_r}"
     if not np.allclose(sp, sp_r, rtol=spacing_rtol, atol=1e-7):
         return f"spacing {tuple(sp)} differs from {tuple(sp_r)}"
-    if not np.allclose(org, or_r, rtol=0, atol=origin_atol):
+    if not np.allclose(org, or_r, rtol=origin_rtol, atol=origin_atol):
         return f"origin {tuple(org)} differs from {tuple(or_r)}"
     if not np.allclose(dirc, dir_r, rtol=0, atol=direction_atol):
         return f"direction {tuple(dirc)} differs from {tuple(dir_r)}"

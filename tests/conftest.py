@@ -1,16 +1,18 @@
-"""Shared fixtures: a small synthetic BraTS dataset taken through the real nnU-Net commands."""
+"""Shared fixtures: a small synthetic BraTS dataset converted and planned once per session, models trained
+on it through the real nnU-Net commands, and helpers handed to tests as fixtures."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
-from nnunet_kd.paths import with_trainer_path
+from nnunet_kd.experiments.runner import CommandFailed, nnunet_environment, run_command
 
 REAL_BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "BraTS2021_sample"
 DATASET_ID = 501
@@ -18,47 +20,65 @@ DATASET_NAME = "Dataset501_BraTS2021"
 T1CE_DATASET_ID = 502
 
 
-def nnunet_env(root: Path, **budget: int) -> Dict[str, str]:
+def _nnunet_env(root: Path, **budget: int) -> Dict[str, str]:
     """Environment for nnU-Net subprocesses: folders under ``root``, our trainers, a small CPU budget."""
-    env = with_trainer_path()
-    env.update({
-        "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
-        "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
-        "nnUNet_compile": "0", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
-        "nnUNet_kd_num_epochs": "1", "nnUNet_kd_iterations_per_epoch": "2", "nnUNet_kd_val_iterations": "1",
-    })
+    env = nnunet_environment(
+        root, nnUNet_n_proc_DA=1, nnUNet_def_n_proc=1, nnUNet_compile=0, OMP_NUM_THREADS=2, PYTHONUNBUFFERED=1,
+        nnUNet_kd_num_epochs=1, nnUNet_kd_iterations_per_epoch=2, nnUNet_kd_val_iterations=1)
     env.pop("nnUNet_kd_teachers", None)
     for key, value in budget.items():
         env[f"nnUNet_kd_{key}"] = str(value)
     return env
 
 
-def run(cmd: List[str], env: Dict[str, str], check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(cmd: List[str], env: Dict[str, str], check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a command; on failure show its output in the assertion message."""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\n"
-                             f"STDERR:\n{proc.stderr[-6000:]}")
-    return proc
+    try:
+        return run_command(cmd, env, capture=True, check=check, timeout=timeout)
+    except CommandFailed as e:
+        raise AssertionError(str(e)) from None
 
 
-def bin_path(name: str) -> str:
+def _bin_path(name: str) -> str:
     """A console script of this virtual environment."""
     return str(Path(sys.executable).parent / name)
 
 
 @pytest.fixture(scope="session")
+def nnunet_env():
+    """``nnunet_env(root, **budget)``: environment for nnU-Net subprocesses with data folders under ``root``."""
+    return _nnunet_env
+
+
+@pytest.fixture(scope="session")
+def run_cmd():
+    """``run_cmd(cmd, env, check=True, timeout=900)``: run a command, AssertionError with its output on failure."""
+    return _run
+
+
+@pytest.fixture(scope="session")
+def bin_path():
+    """``bin_path(name)``: a console script of this virtual environment."""
+    return _bin_path
+
+
+@pytest.fixture(scope="session")
+def dataset_id() -> int:
+    return DATASET_ID
+
+
+@pytest.fixture(scope="session")
 def brats_dataset(tmp_path_factory) -> Dict[str, object]:
     """5 synthetic BraTS 2021 cases, converted (4-channel and T1ce-only) and planned + preprocessed (3d_fullres)."""
-    from nnunet_kd.synthetic import generate_dataset
+    from nnunet_kd.experiments.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("nnunet")
-    env = nnunet_env(root)
+    env = _nnunet_env(root)
     generate_dataset(str(root / "src"), 5, shape=(40, 40, 40), seed=0)
-    run([bin_path("nnunet_kd_convert_brats"), "-i", str(root / "src"), "-d", str(DATASET_ID), "-np", "2"], env)
-    run([bin_path("nnunet_kd_convert_brats"), "-i", str(root / "src"), "-d", str(T1CE_DATASET_ID),
+    _run([_bin_path("nnunet_kd_convert_brats"), "-i", str(root / "src"), "-d", str(DATASET_ID), "-np", "2"], env)
+    _run([_bin_path("nnunet_kd_convert_brats"), "-i", str(root / "src"), "-d", str(T1CE_DATASET_ID),
          "--modalities", "T1ce", "-np", "2"], env)
-    run([bin_path("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
+    _run([_bin_path("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
     raw = root / "raw" / DATASET_NAME
     return {"root": root, "env": env, "raw": raw, "t1ce_images": root / "raw" / "Dataset502_BraTS2021_T1ce" / "imagesTr",
             "preprocessed": root / "preprocessed" / DATASET_NAME, "results": root / "results" / DATASET_NAME,
@@ -69,12 +89,12 @@ def brats_dataset(tmp_path_factory) -> Dict[str, object]:
 def stock_model(brats_dataset) -> Path:
     """A stock nnU-Net model (nnUNetTrainer with a 1-epoch budget) trained on all four channels."""
     env = brats_dataset["env"]
-    run([bin_path("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerBudget",
+    _run([_bin_path("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerBudget",
          "-device", "cpu"], env)
     return brats_dataset["results"] / "nnUNetTrainerBudget__nnUNetPlans__3d_fullres"
 
 
-def load_trainer(brats_dataset, trainer_class, dataset_json: dict | None = None):
+def _load_trainer(brats_dataset, trainer_class, dataset_json: dict | None = None):
     """An initialised trainer of ``trainer_class`` on the session dataset, in this process, on the CPU."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -99,7 +119,13 @@ def load_trainer(brats_dataset, trainer_class, dataset_json: dict | None = None)
     return trainer
 
 
-def synthetic_batch(trainer, batch_size: int = 2, seed: int = 0) -> dict:
+@pytest.fixture(scope="session")
+def load_trainer():
+    """``load_trainer(brats_dataset, trainer_class, dataset_json=None)``: an initialised trainer on the CPU."""
+    return _load_trainer
+
+
+def _synthetic_batch(trainer, batch_size: int = 2, seed: int = 0) -> dict:
     """A batch shaped like nnU-Net's training loader: data (B, C, *patch) and deep-supervision targets."""
     import numpy as np
     import torch
@@ -130,17 +156,55 @@ def synthetic_batch(trainer, batch_size: int = 2, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="session")
+def synthetic_batch():
+    """``synthetic_batch(trainer, batch_size=2, seed=0)``: a batch shaped like nnU-Net's training loader."""
+    return _synthetic_batch
+
+
+@pytest.fixture(scope="session")
 def mgsd_model(brats_dataset) -> Path:
     """An nnUNetTrainerMGSD model trained through nnUNetv2_train (1 epoch, 2 iterations)."""
-    run([bin_path("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerMGSD",
+    _run([_bin_path("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerMGSD",
          "-device", "cpu"], brats_dataset["env"])
     return brats_dataset["results"] / "nnUNetTrainerMGSD__nnUNetPlans__3d_fullres"
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """Where the trained test model and its data live."""
+
+    raw_dataset: str
+    model_folder: str
+    dataset_id: int
+    dataset_name: str
+    environment: Dict[str, str] = field(repr=False)
+    configuration: str = "3d_fullres"
+    trainer: str = "nnUNetTrainerMGSD"
+    plans: str = "nnUNetPlans"
+    fold: str = "all"
+
+    @property
+    def images_tr(self) -> str:
+        return os.path.join(self.raw_dataset, "imagesTr")
+
+    @property
+    def labels_tr(self) -> str:
+        return os.path.join(self.raw_dataset, "labelsTr")
+
+    def env(self) -> Dict[str, str]:
+        """Environment for nnU-Net commands: data folders, plugin trainers, tiny budget."""
+        return dict(self.environment)
+
+    def cases(self) -> List[str]:
+        """Case identifiers in imagesTr (sorted)."""
+        return sorted(f[: -len("_0000.nii.gz")] for f in os.listdir(self.images_tr) if f.endswith("_0000.nii.gz"))
+
+    def channel_file(self, case: str, channel: int) -> str:
+        return os.path.join(self.images_tr, f"{case}_{channel:04d}.nii.gz")
 
 
 @pytest.fixture(scope="session")
 def missing_modality_model(brats_dataset, mgsd_model):
     """The trained MGSD model with its raw dataset, for the prediction and evaluation tests."""
-    from helpers_pipeline import TrainedModel
-
     return TrainedModel(raw_dataset=str(brats_dataset["raw"]), model_folder=str(mgsd_model), dataset_id=DATASET_ID,
                         dataset_name=DATASET_NAME, environment=brats_dataset["env"])

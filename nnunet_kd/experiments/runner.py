@@ -26,16 +26,35 @@ def command_path(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def nnunet_environment(root: Union[str, Path], base: Optional[Dict[str, str]] = None,
+def nnunet_environment(root: Union[str, Path], base: Optional[Dict[str, str]] = None, folder_prefix: str = "",
                        **extra: str) -> Dict[str, str]:
-    """Environment for nnU-Net subprocesses: ``root``/raw, preprocessed, results as nnU-Net's folders, the
-    plugin's trainers on ``nnUNet_extTrainer``, plus ``extra`` variables (values turned into strings)."""
+    """Environment for nnU-Net subprocesses: ``root``/raw, preprocessed, results (each name after
+    ``folder_prefix``) as nnU-Net's folders, the plugin's trainers on ``nnUNet_extTrainer``, plus ``extra``
+    variables (values turned into strings)."""
     root = Path(root)
     env = with_trainer_path(base)
-    env.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
-                "nnUNet_results": str(root / "results")})
+    env.update({f"nnUNet_{kind}": str(root / f"{folder_prefix}{kind}") for kind in ("raw", "preprocessed", "results")})
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is usable, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def budget_variables(epochs: int, iterations: int, val_iterations: int, device: str,
+                     cpu_processes: int) -> Dict[str, str]:
+    """Environment variables for a short training run: the ``nnUNet_kd_*`` budget, torch.compile off unless the
+    environment says otherwise, and on the CPU ``cpu_processes`` nnU-Net workers unless the environment sets them."""
+    extra = {"nnUNet_kd_num_epochs": epochs, "nnUNet_kd_iterations_per_epoch": iterations,
+             "nnUNet_kd_val_iterations": val_iterations, "nnUNet_compile": os.environ.get("nnUNet_compile", "0")}
+    if device == "cpu":
+        for key in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+            extra[key] = os.environ.get(key, cpu_processes)
+    return {k: str(v) for k, v in extra.items()}
 
 
 def run_command(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, log_file: Optional[Union[str, Path]] = None,

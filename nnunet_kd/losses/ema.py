@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nnunet_kd.features import unwrap_network
+from nnunet_kd.training.features import unwrap_network
 
 __all__ = ["ema_update"]
 

@@ -7,23 +7,13 @@ dataset's channel order.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import torch
 
+from nnunet_kd.brats import all_modality_subsets
+
 __all__ = ["sample_modality_masks", "all_modality_subsets", "apply_modality_mask"]
-
-
-def all_modality_subsets(num_modalities: int = 4) -> list[tuple[int, ...]]:
-    """All ``2**M - 1`` non-empty subsets of ``range(M)``, ordered by size, then lexicographically.
-
-    For M = 4: (0,), (1,), (2,), (3,), (0, 1), ..., (0, 1, 2, 3) -- 15 tuples.
-    The order is stable so that evaluation tables line up across runs.
-    """
-    if num_modalities < 1:
-        raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
-    return [c for r in range(1, num_modalities + 1) for c in itertools.combinations(range(num_modalities), r)]
 
 
 def sample_modality_masks(

@@ -6,7 +6,7 @@ Only the training budget changes (``nnUNet_kd_num_epochs``, ``nnUNet_kd_iteratio
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_kd.training_utils import apply_budget_overrides
+from nnunet_kd.training.budget import apply_budget_overrides
 
 
 class nnUNetTrainerBudget(nnUNetTrainer):

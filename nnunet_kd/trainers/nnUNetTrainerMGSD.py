@@ -6,7 +6,7 @@ zeroed after normalisation). An EMA copy of the network, fed the full input, is 
 teacher. Distillation acts at three granularities:
 image (outputs towards the EMA output), feature (multi-view decoder profiles of the
 masked pass towards the full pass) and modality (mutual-aware attention on the
-bottleneck). See ../shared/docs/METHODS.md and README.md.
+bottleneck). docs/methods.md gives every loss term and weight.
 """
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kd.brats import MODALITIES
-from nnunet_kd.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
 from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttention, StyleDiscriminator,
                                    apply_modality_mask, discriminator_loss, ema_update,
                                    generator_adversarial_loss, sample_modality_masks)
-from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, autocast_for,
-                                      average_gradients, broadcast_module, clip_gradients, dataset_channels,
-                                      read_checkpoint_section)
+from nnunet_kd.training.budget import apply_budget_overrides
+from nnunet_kd.training.checkpoints import CheckpointSectionMixin
+from nnunet_kd.training.distributed import broadcast_module
+from nnunet_kd.training.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
+from nnunet_kd.training.model_folder import dataset_channels
+from nnunet_kd.training.optimisation import autocast_for, backward_and_step
 
 
 class nnUNetTrainerModalityDropout(nnUNetTrainer):
@@ -58,30 +60,6 @@ class nnUNetTrainerModalityDropout(nnUNetTrainer):
         halves = [o.chunk(2, 0) for o in outputs]
         return [h[0] for h in halves], [h[1] for h in halves]
 
-    def _backward_and_step(self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
-                           networks: Sequence[nn.Module], unsynced: Sequence[nn.Module] = ()) -> None:
-        """nnU-Net's mixed-precision backward, clipping (norm 12 per network) and step, for several optimisers.
-
-        ``unsynced``: modules outside DDP whose gradients are averaged over ranks here.
-        """
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            for opt in optimizers:
-                self.grad_scaler.unscale_(opt)
-        else:
-            loss.backward()
-        for module in unsynced:
-            average_gradients(module)
-        for net in networks:
-            clip_gradients(net.parameters(), 12)
-        for opt in optimizers:
-            if self.grad_scaler is not None:
-                self.grad_scaler.step(opt)
-            else:
-                opt.step()
-        if self.grad_scaler is not None:
-            self.grad_scaler.update()
-
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
@@ -90,11 +68,11 @@ class nnUNetTrainerModalityDropout(nnUNetTrainer):
         with autocast_for(self.device):
             full_out, masked_out = self._split(self.network(stacked))
             loss = self.loss(full_out, target) + self.loss(masked_out, target)
-        self._backward_and_step(loss, [self.optimizer], [self.network])
+        backward_and_step(loss, [self.optimizer], [self.network], self.grad_scaler)
         return {"loss": loss.detach().cpu().numpy()}
 
 
-class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
+class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
     """Multi-granularity self distillation (image, feature and modality level) with an EMA teacher."""
 
     #: EMA teacher: ema = momentum * ema + (1 - momentum) * network, after every optimiser step.
@@ -109,13 +87,18 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
     #: Deep-supervision levels whose decoder features enter the multi-view loss (0 = full resolution).
     #: Plans with fewer levels use the ones they have.
     feature_kd_levels: Tuple[int, ...] = (0, 1, 2)
+    #: Multi-view head: width of the projection of the axis profiles, and the weight of the normalised
+    #: profile against the raw one (docs/methods.md, "feature level").
     multiview_projection_dim: int = 64
     multiview_gamma: float = 0.7
+    #: Mutual-aware attention head (modality level): token width, heads, tokens per axis.
     attention_embed_dim: int = 64
     attention_heads: int = 4
     attention_token_grid: int = 4
+    #: Modality-level term: weight of the tokens of present and of missing modalities.
     present_weight: float = 0.6
     missing_weight: float = 0.4
+    checkpoint_section = "mgsd_state"
     #: The attention and projection heads train with AdamW (transformer practice), with nnU-Net's poly decay.
     aux_learning_rate: float = 3e-4
 
@@ -154,7 +137,8 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         self.mutual_attention = MutualAwareAttention(
             bottleneck_channels(unet), len(self.modality_channels), self.attention_embed_dim, self.attention_heads,
             self.attention_token_grid, conv_dim, self.present_weight, self.missing_weight).to(self.device)
-        self.aux_modules = nn.ModuleList([self.multiview, self.mutual_attention] + self._extra_aux_modules(unet))
+        self.aux_modules = nn.ModuleDict({"multiview": self.multiview, "mutual_attention": self.mutual_attention,
+                                          **self._extra_aux_modules(unet)})
         self.aux_optimizer = torch.optim.AdamW(self.aux_modules.parameters(), self.aux_learning_rate,
                                                weight_decay=self.weight_decay)
         self.aux_lr_scheduler = PolyLRScheduler(self.aux_optimizer, self.aux_learning_rate, self.num_epochs)
@@ -162,8 +146,9 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         # their weights start equal (broadcast) and their gradients are averaged in every step.
         broadcast_module(self.aux_modules)
 
-    def _extra_aux_modules(self, unet: nn.Module) -> List[nn.Module]:
-        return []
+    def _extra_aux_modules(self, unet: nn.Module) -> Dict[str, nn.Module]:
+        """Further auxiliary modules by name (trained with the heads' optimiser, saved with them)."""
+        return {}
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -188,10 +173,9 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         image = self._image_kd(full_out, ema_out) + self._image_kd(masked_out, ema_out)
         decoder = [features["decoder"][lvl].chunk(2, 0) for lvl in self.feature_kd_levels]
         bottleneck_full, bottleneck_masked = features["bottleneck"].chunk(2, 0)
-        aux = self.aux_modules
-        feature = aux[0]([d[0] for d in decoder], [d[1] for d in decoder])
+        feature = self.multiview([d[0] for d in decoder], [d[1] for d in decoder])
         masked_data = stacked[data.shape[0]:]
-        modality = aux[1](bottleneck_full, bottleneck_masked, data[:, self.modality_channels],
+        modality = self.mutual_attention(bottleneck_full, bottleneck_masked, data[:, self.modality_channels],
                           masked_data[:, self.modality_channels], modality_mask)
         return {"image": image, "feature": feature, "modality": modality}
 
@@ -209,8 +193,8 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
             loss = (terms["supervised"] + self.image_kd_weight * terms["image"]
                     + self.feature_kd_weight * terms["feature"] + self.modality_kd_weight * terms["modality"])
             loss = loss + self._extra_loss(full_out, masked_out, terms)
-        self._backward_and_step(loss, [self.optimizer, self.aux_optimizer], [self.network, self.aux_modules],
-                                unsynced=[self.aux_modules])
+        backward_and_step(loss, [self.optimizer, self.aux_optimizer], [self.network, self.aux_modules],
+                          self.grad_scaler, unsynced=[self.aux_modules])
         ema_update(self.ema_network, self.network, self.ema_momentum)
         for k, v in terms.items():
             self._term_sums[k] = self._term_sums.get(k, 0.) + float(v.detach())
@@ -231,18 +215,11 @@ class nnUNetTrainerMGSD(nnUNetTrainerModalityDropout):
         self.print_to_log_file("MGSD loss terms (unweighted means): " +
                                ", ".join(f"{k} {np.round(v, 5)}" for k, v in means.items()))
 
-    def _mgsd_state(self) -> dict:
+    def checkpoint_state(self) -> dict:
         return {"ema_weights": self.ema_network.state_dict(), "aux_weights": self.aux_modules.state_dict(),
                 "aux_optimizer_state": self.aux_optimizer.state_dict()}
 
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            add_checkpoint_section(filename, "mgsd_state", self._mgsd_state())
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        state = read_checkpoint_section(filename_or_checkpoint, "mgsd_state", self.device, self.__class__.__name__)
+    def load_checkpoint_state(self, state: dict) -> None:
         self.ema_network.load_state_dict(state["ema_weights"])
         self.aux_modules.load_state_dict(state["aux_weights"])
         self.aux_optimizer.load_state_dict(state["aux_optimizer_state"])
@@ -263,13 +240,14 @@ class nnUNetTrainerMGSD_adv(nnUNetTrainerMGSD):
 
     adversarial_weight: float = 0.01
 
-    def _extra_aux_modules(self, unet: nn.Module) -> List[nn.Module]:
+    def _extra_aux_modules(self, unet: nn.Module) -> Dict[str, nn.Module]:
         conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2
-        self.discriminator = StyleDiscriminator(self.label_manager.num_segmentation_heads, conv_dim=conv_dim)
-        return [self.discriminator.to(self.device)]
+        self.discriminator = StyleDiscriminator(self.label_manager.num_segmentation_heads,
+                                                conv_dim=conv_dim).to(self.device)
+        return {"discriminator": self.discriminator}
 
     def _extra_loss(self, full_out, masked_out, terms) -> torch.Tensor:
-        discriminator = self.aux_modules[2]
+        discriminator = self.discriminator
         full_prob, masked_prob = self._probabilities(full_out[0]), self._probabilities(masked_out[0])
         # The discriminator learns on detached outputs; the network learns to make masked outputs look full.
         terms["discriminator"] = discriminator_loss(discriminator(full_prob.detach()),

@@ -5,10 +5,11 @@ default). Teachers use the same planned architecture on other channels and train
 online, with their own optimiser, together with the CDSFL fusion module. The student
 learns from the ground truth, from the teachers' outputs (performance-aware response
 KD) and from the fused CDSFL output at the CDSFL deep-supervision levels.
-See ../shared/docs/METHODS.md and README.md for the exact losses.
+docs/methods.md gives every loss term and weight.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Tuple
 
@@ -19,24 +20,22 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 
+from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import dataset_modalities
-from nnunet_kd.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
 from nnunet_kd.losses.cdsfl import CDSFL
 from nnunet_kd.losses.kd import response_kd_loss
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
-from nnunet_kd.paths import ensure_trainer_lookup
-from nnunet_kd.atomic import atomic_write_json
-from nnunet_kd.model_folder import subset_dataset_json, subset_plans
-from nnunet_kd.training_utils import (add_checkpoint_section, apply_budget_overrides, autocast_for, clip_gradients,
-                                      dataset_channels, read_checkpoint_section, sgd_with_poly_lr)
+from nnunet_kd.training.budget import apply_budget_overrides
+from nnunet_kd.training.checkpoints import CheckpointSectionMixin
+from nnunet_kd.training.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
+from nnunet_kd.training.model_folder import dataset_channels, subset_dataset_json, subset_plans
+from nnunet_kd.training.optimisation import autocast_for, backward_and_step, sgd_with_poly_lr
+from nnunet_kd.training.teachers import load_frozen_teacher, resolve_teacher_checkpoint
 
-
-class nnUNetTrainerMTCMKD(nnUNetTrainer):
+class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
     """MTCM-KD with a T1ce student and three unimodal teachers (T1, T2, FLAIR), trained online."""
 
     student_modality: str = "T1ce"
@@ -58,13 +57,14 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
     #: outweighs nnU-Net's Dice + CE loss by an order of magnitude.
     kd_temperature: float = 20.0
     kd_temperature_power: int = 1
-    #: Student loss weights (METHODS.md): 0.75 seg + sum_i w_i KD_i + 0.10 (0.7 DS seg + 0.3 DS KD).
+    #: Student loss weights (docs/methods.md): 0.75 seg + sum_i w_i KD_i + 0.10 (0.7 DS seg + 0.3 DS KD).
     student_seg_weight: float = 0.75
     student_ds_weight: float = 0.10
     student_ds_seg_fraction: float = 0.7
     student_ds_kd_fraction: float = 0.3
     #: True: teachers come from pretrained checkpoints and stay frozen (see nnUNetTrainerMTCMKD_FrozenTeachers).
     freeze_teachers: bool = False
+    checkpoint_section = "kd_state"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -160,7 +160,7 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
     def _teacher_forward(self, data: torch.Tensor) -> Tuple[List[List[torch.Tensor]], Dict[int, torch.Tensor]]:
         """Teacher outputs (one deep-supervision list each) and the fused CDSFL logits per level."""
         outputs, features = [], {lvl: [] for lvl in self.cdsfl_levels}
-        with torch.no_grad() if self.freeze_teachers else dummy_context():
+        with torch.no_grad() if self.freeze_teachers else contextlib.nullcontext():
             for teacher, tap, channels in zip(self.teachers, self.teacher_taps, self.teacher_channels):
                 out = teacher(data[:, channels])
                 # Pretrained teachers run without deep supervision: only their full-resolution output exists.
@@ -206,21 +206,8 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
         # Teacher logits enter the student loss detached, so one backward pass trains both sides separately.
         total = teacher_loss + student_loss
         trainable_teachers = [] if self.freeze_teachers else self.teachers
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            self.grad_scaler.unscale_(self.teacher_optimizer)
-        else:
-            total.backward()
-        for net in [self.network, self.cdsfl] + trainable_teachers:
-            clip_gradients(net.parameters(), 12)
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.step(self.teacher_optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
-            self.teacher_optimizer.step()
+        backward_and_step(total, [self.optimizer, self.teacher_optimizer],
+                          [self.network, self.cdsfl] + trainable_teachers, self.grad_scaler)
         for i, t_out in enumerate(teacher_outputs):
             self.performance_tracker.update(i, whole_tumour_stats(t_out[0].detach(), target[0],
                                                                   self.label_manager.has_regions,
@@ -311,7 +298,7 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
         finally:
             self.network = student
 
-    def _kd_state(self) -> dict:
+    def checkpoint_state(self) -> dict:
         return {
             "student_modality": self.student_modality,
             "teacher_modalities": [list(m) for m in self.teacher_modalities],
@@ -323,14 +310,7 @@ class nnUNetTrainerMTCMKD(nnUNetTrainer):
             "kd_history": self.kd_history,
         }
 
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            add_checkpoint_section(filename, "kd_state", self._kd_state())
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        state = read_checkpoint_section(filename_or_checkpoint, "kd_state", self.device, self.__class__.__name__)
+    def load_checkpoint_state(self, state: dict) -> None:
         if [list(m) for m in self.teacher_modalities] != state["teacher_modalities"]:
             raise RuntimeError(f"checkpoint teachers {state['teacher_modalities']} differ from this trainer's "
                                f"{[list(m) for m in self.teacher_modalities]}")
@@ -413,54 +393,6 @@ class nnUNetTrainerMTCMKD_FrozenTeachers(nnUNetTrainerMTCMKD):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
     def _build_teachers(self) -> List[nn.Module]:
-        teachers = []
-        ensure_trainer_lookup()  # the predictor finds each teacher's trainer class by name
-        for model_dir, fold_name, checkpoint_name in self.teacher_sources:
-            predictor = nnUNetPredictor(device=self.device, perform_everything_on_device=False, allow_tqdm=False)
-            predictor.initialize_from_trained_model_folder(model_dir, (fold_name,), checkpoint_name)
-            teacher_config = predictor.configuration_manager
-            if (teacher_config.pool_op_kernel_sizes != self.configuration_manager.pool_op_kernel_sizes
-                    or not np.allclose(teacher_config.spacing, self.configuration_manager.spacing)):
-                raise ValueError(f"teacher {model_dir} was planned with spacing {teacher_config.spacing} and pooling "
-                                 f"{teacher_config.pool_op_kernel_sizes}; this plan has spacing "
-                                 f"{self.configuration_manager.spacing} and pooling "
-                                 f"{self.configuration_manager.pool_op_kernel_sizes}")
-            if predictor.label_manager.num_segmentation_heads != self.label_manager.num_segmentation_heads or \
-                    predictor.label_manager.has_regions != self.label_manager.has_regions:
-                raise ValueError(f"teacher {model_dir} predicts different labels or regions than this dataset")
-            network = predictor.network
-            network.load_state_dict(predictor.list_of_parameters[0])
-            network.eval()
-            for p in network.parameters():
-                p.requires_grad_(False)
-            teachers.append(network.to(self.device))
-        return teachers
-
-
-def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
-    """(model folder, fold folder name without 'fold_', checkpoint file name) for a teacher given as a
-    checkpoint file, a fold folder or a model folder. Raises ValueError naming the path when it is none of these."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(path):
-        fold_dir, checkpoint_name = os.path.split(path)
-    elif os.path.isfile(os.path.join(path, "checkpoint_final.pth")):
-        fold_dir, checkpoint_name = path, "checkpoint_final.pth"
-    elif os.path.isfile(os.path.join(path, "plans.json")):
-        folds = sorted(d for d in os.listdir(path) if d.startswith("fold_")
-                       and os.path.isfile(os.path.join(path, d, "checkpoint_final.pth")))
-        preferred = f"fold_{fold}"
-        if not folds:
-            raise ValueError(f"teacher model folder {path} has no fold_*/checkpoint_final.pth")
-        fold_dir, checkpoint_name = os.path.join(path, preferred if preferred in folds else folds[0]), \
-            "checkpoint_final.pth"
-    else:
-        raise ValueError(f"teacher {path} is not a checkpoint file, a fold folder with checkpoint_final.pth, "
-                         f"or an nnU-Net model folder")
-    model_dir = os.path.dirname(fold_dir)
-    for name in ("plans.json", "dataset.json"):
-        if not os.path.isfile(os.path.join(model_dir, name)):
-            raise ValueError(f"teacher {path}: {os.path.join(model_dir, name)} is missing")
-    fold_name = os.path.basename(fold_dir)
-    if not fold_name.startswith("fold_"):
-        raise ValueError(f"teacher checkpoint {path} must lie in a fold_X folder of an nnU-Net model folder")
-    return model_dir, fold_name[len("fold_"):], checkpoint_name
+        return [load_frozen_teacher(model_dir, fold_name, checkpoint_name, self.device, self.configuration_manager,
+                                    self.label_manager)
+                for model_dir, fold_name, checkpoint_name in self.teacher_sources]

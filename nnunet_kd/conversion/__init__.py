@@ -1,0 +1,12 @@
+"""BraTS releases (2018-2024) and the Decathlon Task01 to nnU-Net v2 raw datasets, and predictions back.
+
+Modules, in dependency order: ``releases`` (release names, layouts, detection, ConversionError),
+``discovery`` (the cases of a folder), ``cases`` (per-case checks and writing, run in workers),
+``convert`` (orchestration and dataset.json), ``back`` (``--to-brats``), ``cli`` (the command).
+"""
+from nnunet_kd.conversion.back import convert_to_brats
+from nnunet_kd.conversion.convert import convert_brats
+from nnunet_kd.conversion.discovery import resolve_modalities
+from nnunet_kd.conversion.releases import ConversionError, detect_release
+
+__all__ = ["ConversionError", "convert_brats", "convert_to_brats", "detect_release", "resolve_modalities"]

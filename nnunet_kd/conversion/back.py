@@ -1,0 +1,49 @@
+"""Predictions back to a release's labels (``--to-brats``): nnU-Net's 1 ED, 2 NCR, 3 ET become the labels
+of the chosen release, with file names and geometry kept."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import List
+
+import numpy as np
+
+from nnunet_kd.brats import nnunet_to_release
+from nnunet_kd.conversion.cases import label_image, read_case_image, write_image
+from nnunet_kd.conversion.releases import (RELEASES, ConversionError, check_input_dir, is_hidden, nifti_stem,
+                                           normalize_release)
+
+
+def convert_to_brats(pred_dir: str, out_dir: str, year: str) -> List[str]:
+    """Map nnU-Net predictions (1 ED, 2 NCR, 3 ET) in ``pred_dir`` back to the labels of ``year``
+    (ET = 4 up to 2021, 3 for 2023/2024, Decathlon convention for msd), keeping file names and
+    geometry. Files are written to a temporary folder first and moved into ``out_dir`` only when
+    every prediction converted. Returns the written files."""
+    convention = RELEASES[normalize_release(year)][0]
+    pred_dir = check_input_dir(pred_dir)
+    names = sorted(n for n in os.listdir(pred_dir)
+                   if nifti_stem(n) is not None and not is_hidden(n) and os.path.isfile(os.path.join(pred_dir, n)))
+    if not names:
+        raise ConversionError(f"no NIfTI predictions (.nii.gz/.nii) in {pred_dir}")
+    out_dir = os.path.abspath(out_dir)
+    if out_dir == pred_dir:
+        raise ConversionError("the output folder must differ from the prediction folder")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".to_brats.partial-", dir=out_dir)
+    written = []
+    try:
+        for n in names:
+            path = os.path.join(pred_dir, n)
+            img, arr = read_case_image(path, nifti_stem(n), "prediction")
+            try:
+                mapped = nnunet_to_release(arr.astype(np.int64), convention)
+            except ValueError as e:
+                raise ConversionError(f"case {nifti_stem(n)}: prediction {path}: {e}") from None
+            write_image(label_image(mapped, img), os.path.join(tmp, n))
+        for n in names:
+            os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
+            written.append(os.path.join(out_dir, n))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written

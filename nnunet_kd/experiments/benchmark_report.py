@@ -1,0 +1,112 @@
+"""The benchmark's report: ratios to the stock trainer, the targets they are checked against, and the
+text table printed on stdout."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from nnunet_kd.experiments.benchmark_measure import STUDENT_MODALITY
+
+STOCK = "nnUNetTrainer"
+
+#: (label, trainer, metric, upper limit of the ratio to the stock trainer / stock network).
+TARGETS: Tuple[Tuple[str, str, str, float], ...] = (
+    ("MTCM-KD online step", "nnUNetTrainerMTCMKD", "step_time", 4.3),
+    ("MTCM-KD frozen-teacher step", "nnUNetTrainerMTCMKD_FrozenTeachers", "step_time", 2.1),
+    ("MGSD step", "nnUNetTrainerMGSD", "step_time", 2.5),
+    ("T1ce student inference", "inference", "inference_time", 1.05),
+)
+
+
+def _ratio(a, b) -> Optional[float]:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
+        return float(a) / float(b)
+    return None
+
+
+def compute_ratios(trainers: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
+    stock = trainers.get(STOCK, {})
+    out = {}
+    for name, r in trainers.items():
+        out[name] = {
+            "step_time": _ratio(r.get("step_time_median_s"), stock.get("step_time_median_s")),
+            "step_time_with_data_loading": _ratio(r.get("step_time_with_data_loading_median_s"),
+                                                  stock.get("step_time_with_data_loading_median_s")),
+            "peak_gpu_memory": _ratio(r.get("peak_gpu_memory_mib"), stock.get("peak_gpu_memory_mib")),
+            "peak_rss_increase": _ratio(r.get("peak_rss_increase_mib"), stock.get("peak_rss_increase_mib")),
+        }
+    return out
+
+
+def evaluate_targets(ratios: Dict[str, Dict[str, Optional[float]]], inference: Optional[Dict[str, Any]]):
+    out = []
+    for label, who, metric, limit in TARGETS:
+        if who == "inference":
+            value = inference.get("ratio_student_to_stock") if inference else None
+            secondary = None
+        else:
+            value = ratios.get(who, {}).get(metric)
+            secondary = ratios.get(who, {}).get("step_time_with_data_loading")
+        status = "n/a" if value is None else ("PASS" if value <= limit else "MISS")
+        entry = {"target": label, "trainer": who, "metric": f"{metric} ratio to stock", "limit": limit,
+                 "value": value, "status": status}
+        if secondary is not None:
+            entry["with_data_loading_value"] = secondary
+            entry["with_data_loading_status"] = "PASS" if secondary <= limit else "MISS"
+        out.append(entry)
+    return out
+
+
+def _fmt(v, nd=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{v:.{nd}f}"
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        f"nnunet-kd benchmark  device: {meta['device_name']} ({meta['device']})  torch {meta['torch_version']}  "
+        f"nnunetv2 {meta['nnunetv2_version']}  compile: {meta['nnUNet_compile']}",
+        f"dataset {meta['dataset']}  {meta['configuration']}  patch {meta['patch_size']}  batch {meta['batch_size']}  "
+        f"fold {meta['fold']}  steps {meta['steps']} (+{meta['warmup']} warm-up)  data-loading steps "
+        f"{meta['data_loading_steps']}  nnUNet_n_proc_DA={meta['nnUNet_n_proc_DA']}",
+        f"frozen teachers: {meta['frozen_teachers']}",
+    ]
+    mem_key = "peak_gpu_memory_mib" if meta["device"] == "cuda" else "peak_rss_increase_mib"
+    mem_ratio_key = "peak_gpu_memory" if meta["device"] == "cuda" else "peak_rss_increase"
+    mem_title = "peak GPU MiB" if meta["device"] == "cuda" else "peak dRSS MiB"
+    header = f"{'trainer':<38} {'step s':>9} {'x stock':>8} {'step+DL s':>10} {'x stock':>8} {mem_title:>14} {'x stock':>8}"
+    lines += ["", header, "-" * len(header)]
+    for name, r in result["trainers"].items():
+        if "error" in r:
+            lines.append(f"{name:<38} ERROR: {r['error'].splitlines()[-1][:80]}")
+            continue
+        q = result["ratios"].get(name, {})
+        lines.append(f"{name:<38} {_fmt(r.get('step_time_median_s')):>9} {_fmt(q.get('step_time'), 2):>8} "
+                     f"{_fmt(r.get('step_time_with_data_loading_median_s')):>10} "
+                     f"{_fmt(q.get('step_time_with_data_loading'), 2):>8} {_fmt(r.get(mem_key), 1):>14} "
+                     f"{_fmt(q.get(mem_ratio_key), 2):>8}")
+    inf = result.get("inference")
+    lines.append("")
+    if inf and "error" not in inf:
+        lines.append(f"inference (sliding window, step {inf['tile_step_size']}, mirroring {inf['mirror_axes']}, "
+                     f"case {os.path.basename(inf['case'])} {inf['case_shape']}, median of {inf['repeats']}): "
+                     f"stock 4-ch {_fmt(inf['stock_4ch']['time_median_s'])} s, student {STUDENT_MODALITY} "
+                     f"{_fmt(inf['student_t1ce']['time_median_s'])} s, ratio {_fmt(inf['ratio_student_to_stock'], 3)}")
+    elif inf:
+        lines.append(f"inference: ERROR: {inf['error'].splitlines()[-1][:100]}")
+    lines.append("")
+    lines.append("targets (ratio to stock nnUNetTrainer, compute alone; [with data loading]):")
+    for t in result["targets"]:
+        extra = ""
+        if "with_data_loading_value" in t:
+            extra = f"  [{_fmt(t['with_data_loading_value'], 2)}x {t['with_data_loading_status']}]"
+        lines.append(f"  {t['target']:<30} <= {t['limit']:<4}x: {_fmt(t['value'], 2):>6}x  {t['status']}{extra}")
+    if meta["device"] != "cuda" or meta.get("toy"):
+        lines.append("  (CPU and/or toy-size run: the ratios are not representative of the targets)")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,30 @@
+"""torch.distributed helpers for modules that nnU-Net's DDP wrapper does not cover."""
+from __future__ import annotations
+
+import torch
+from torch import distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Make parameters and buffers of ``module`` identical on all ranks (copied from rank ``src``)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
+def average_gradients(module: nn.Module) -> None:
+    """All-reduce (mean) the gradients of a module that is not wrapped in DDP, so every rank steps alike."""
+    if not is_distributed():
+        return
+    world_size = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size

@@ -1,0 +1,58 @@
+"""nnU-Net's optimisation recipe for networks beside ``trainer.network``: SGD with poly decay, mixed
+precision, clipping, and one backward + step over several optimisers."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from nnunet_kd.training.distributed import average_gradients
+
+
+def autocast_for(device: torch.device):
+    """nnU-Net's mixed precision: autocast on CUDA, nothing elsewhere (CPU autocast is slow, MPS unsupported)."""
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float = 12.0) -> None:
+    """nnU-Net's gradient clipping (norm 12), applied to one network's parameters."""
+    params = [p for p in parameters if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def sgd_with_poly_lr(parameters: Iterable[torch.nn.Parameter], trainer: Any):
+    """nnU-Net's optimiser and schedule (SGD, Nesterov 0.99, poly decay) for auxiliary networks."""
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+    optimizer = torch.optim.SGD(list(parameters), trainer.initial_lr, weight_decay=trainer.weight_decay,
+                                momentum=0.99, nesterov=True)
+    return optimizer, PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
+
+
+def backward_and_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
+                      networks: Sequence[nn.Module], grad_scaler: Optional[torch.amp.GradScaler] = None,
+                      unsynced: Sequence[nn.Module] = (), max_norm: float = 12.0) -> None:
+    """nnU-Net's mixed-precision backward, clipping (per network) and step, for several optimisers at once.
+
+    ``unsynced``: modules outside DDP whose gradients are averaged over ranks before clipping.
+    """
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        for opt in optimizers:
+            grad_scaler.unscale_(opt)
+    else:
+        loss.backward()
+    for module in unsynced:
+        average_gradients(module)
+    for net in networks:
+        clip_gradients(net.parameters(), max_norm)
+    for opt in optimizers:
+        if grad_scaler is not None:
+            grad_scaler.step(opt)
+        else:
+            opt.step()
+    if grad_scaler is not None:
+        grad_scaler.update()

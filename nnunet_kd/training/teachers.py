@@ -1,0 +1,69 @@
+"""Teachers from trained nnU-Net models: finding their checkpoints and loading them frozen."""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_kd.paths import ensure_trainer_lookup
+
+
+def load_frozen_teacher(model_dir: str, fold_name: str, checkpoint_name: str, device: torch.device,
+                        configuration_manager, label_manager) -> nn.Module:
+    """The trained network of ``model_dir/fold_<fold_name>/<checkpoint_name>``, in eval mode, without gradients.
+
+    ValueError naming the model when its plan (spacing, pooling) or its outputs differ from the student's.
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    ensure_trainer_lookup()  # the predictor finds the teacher's trainer class by name
+    predictor = nnUNetPredictor(device=device, perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_dir, (fold_name,), checkpoint_name)
+    teacher_config = predictor.configuration_manager
+    if (teacher_config.pool_op_kernel_sizes != configuration_manager.pool_op_kernel_sizes
+            or not np.allclose(teacher_config.spacing, configuration_manager.spacing)):
+        raise ValueError(f"teacher {model_dir} was planned with spacing {teacher_config.spacing} and pooling "
+                         f"{teacher_config.pool_op_kernel_sizes}; this plan has spacing "
+                         f"{configuration_manager.spacing} and pooling "
+                         f"{configuration_manager.pool_op_kernel_sizes}")
+    if predictor.label_manager.num_segmentation_heads != label_manager.num_segmentation_heads or \
+            predictor.label_manager.has_regions != label_manager.has_regions:
+        raise ValueError(f"teacher {model_dir} predicts different labels or regions than this dataset")
+    network = predictor.network
+    network.load_state_dict(predictor.list_of_parameters[0])
+    network.eval()
+    for p in network.parameters():
+        p.requires_grad_(False)
+    return network.to(device)
+
+
+def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
+    """(model folder, fold folder name without 'fold_', checkpoint file name) for a teacher given as a
+    checkpoint file, a fold folder or a model folder. Raises ValueError naming the path when it is none of these."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(path):
+        fold_dir, checkpoint_name = os.path.split(path)
+    elif os.path.isfile(os.path.join(path, "checkpoint_final.pth")):
+        fold_dir, checkpoint_name = path, "checkpoint_final.pth"
+    elif os.path.isfile(os.path.join(path, "plans.json")):
+        folds = sorted(d for d in os.listdir(path) if d.startswith("fold_")
+                       and os.path.isfile(os.path.join(path, d, "checkpoint_final.pth")))
+        preferred = f"fold_{fold}"
+        if not folds:
+            raise ValueError(f"teacher model folder {path} has no fold_*/checkpoint_final.pth")
+        fold_dir, checkpoint_name = os.path.join(path, preferred if preferred in folds else folds[0]), \
+            "checkpoint_final.pth"
+    else:
+        raise ValueError(f"teacher {path} is not a checkpoint file, a fold folder with checkpoint_final.pth, "
+                         f"or an nnU-Net model folder")
+    model_dir = os.path.dirname(fold_dir)
+    for name in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise ValueError(f"teacher {path}: {os.path.join(model_dir, name)} is missing")
+    fold_name = os.path.basename(fold_dir)
+    if not fold_name.startswith("fold_"):
+        raise ValueError(f"teacher checkpoint {path} must lie in a fold_X folder of an nnU-Net model folder")
+    return model_dir, fold_name[len("fold_"):], checkpoint_name

@@ -1,0 +1,155 @@
+"""nnunet_kd.experiments.benchmark: the --toy CPU run end to end (as CI runs it) and the report helpers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nnunet_kd.experiments import benchmark, benchmark_report
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    out = out_dir / "OUT.json"
+    env = dict(os.environ, nnUNet_n_proc_DA="1", nnUNet_compile="0", OMP_NUM_THREADS="2")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_kd_teachers"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "nnunet_kd.experiments.benchmark", "--toy", "--steps", "2", "--warmup", "1",
+           "--data-loading-steps", "1", "--inference-repeats", "1", "--device", "cpu",
+           "--work-dir", str(out_dir / "work"), "-o", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return proc, out, out_dir
+
+
+def test_toy_run_succeeds(toy_run):
+    proc, out, _ = toy_run
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert out.is_file()
+    # stdout carries only the table; nnU-Net's chatter and progress go to stderr.
+    assert "nnunet-kd benchmark" in proc.stdout
+    assert "Please cite" not in proc.stdout
+    assert "[benchmark" in proc.stderr
+
+
+def test_toy_json_structure(toy_run):
+    proc, out, _ = toy_run
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    meta = result["meta"]
+    for key in ("device", "device_name", "torch_version", "date", "command_line", "patch_size", "batch_size",
+                "frozen_teachers"):
+        assert meta.get(key) not in (None, ""), key
+    assert meta["device"] == "cpu"
+    assert "--toy" in meta["command_line"]
+    assert len(meta["patch_size"]) == 3 and meta["batch_size"] >= 1
+
+    assert list(result["trainers"]) == list(benchmark.DEFAULT_TRAINERS)
+    for name, r in result["trainers"].items():
+        assert "error" not in r, f"{name}: {r.get('error')}"
+        assert r["step_time_median_s"] > 0, name
+        assert r["step_time_with_data_loading_median_s"] > 0, name
+        assert len(r["step_times_s"]) == 2 and len(r["step_times_with_data_loading_s"]) == 1
+        assert r["peak_gpu_memory_mib"] == "n/a"
+        assert r["batch_data_shape"][0] == meta["batch_size"]
+        assert r["batch_data_shape"][2:] == meta["patch_size"]
+        assert r["loss_finite"], name
+
+    ratios = result["ratios"]
+    assert set(ratios) == set(result["trainers"])
+    assert ratios["nnUNetTrainer"]["step_time"] == pytest.approx(1.0)
+    for name, q in ratios.items():
+        assert q["step_time"] > 0 and q["step_time_with_data_loading"] > 0, name
+
+    inf = result["inference"]
+    assert "error" not in inf, inf.get("error")
+    for key in ("stock_4ch", "student_t1ce"):
+        assert inf[key]["time_median_s"] > 0
+    assert inf["stock_4ch"]["input_shape"][0] == 4
+    assert inf["student_t1ce"]["input_shape"][0] == 1
+    assert inf["student_t1ce"]["channels"] == [1]  # T1ce, found by name
+    assert inf["stock_4ch"]["output_shape"] == inf["student_t1ce"]["output_shape"]
+    assert inf["ratio_student_to_stock"] > 0
+
+    targets = {t["target"]: t for t in result["targets"]}
+    assert len(targets) == len(benchmark_report.TARGETS)
+    for t in targets.values():
+        assert t["status"] in ("PASS", "MISS")
+        assert t["value"] > 0
+
+
+def test_toy_run_cleans_up_nothing_it_was_told_to_keep(toy_run):
+    # --work-dir given: the folder is kept (the caller owns it); the trainers' outputs went there.
+    _, _, out_dir = toy_run
+    assert (out_dir / "work" / "nnUNet_results").is_dir()
+    assert (out_dir / "work" / "teachers").is_dir()
+
+
+def _fake_result(device="cuda"):
+    trainers = {
+        "nnUNetTrainer": {"step_time_median_s": 0.2, "step_time_with_data_loading_median_s": 0.25,
+                          "peak_gpu_memory_mib": 1000.0, "peak_rss_increase_mib": 10.0},
+        "nnUNetTrainerMTCMKD": {"step_time_median_s": 0.9, "step_time_with_data_loading_median_s": 0.95,
+                                "peak_gpu_memory_mib": 3000.0, "peak_rss_increase_mib": 20.0},
+        "nnUNetTrainerMTCMKD_FrozenTeachers": {"step_time_median_s": 0.44,
+                                               "step_time_with_data_loading_median_s": 0.5,
+                                               "peak_gpu_memory_mib": 1500.0, "peak_rss_increase_mib": 5.0},
+    }
+    inference = {"stock_4ch": {"time_median_s": 2.0}, "student_t1ce": {"time_median_s": 2.2},
+                 "ratio_student_to_stock": 1.1, "tile_step_size": 0.5, "mirror_axes": [0, 1, 2],
+                 "case": "/x/BraTS2021_00001", "case_shape": [4, 10, 10, 10], "repeats": 3}
+    return trainers, inference
+
+
+def test_ratios_and_targets():
+    trainers, inference = _fake_result()
+    ratios = benchmark_report.compute_ratios(trainers)
+    assert ratios["nnUNetTrainerMTCMKD"]["step_time"] == pytest.approx(4.5)
+    assert ratios["nnUNetTrainerMTCMKD"]["peak_gpu_memory"] == pytest.approx(3.0)
+    assert ratios["nnUNetTrainerMTCMKD_FrozenTeachers"]["step_time"] == pytest.approx(2.2)
+    targets = {t["trainer"]: t for t in benchmark_report.evaluate_targets(ratios, inference)}
+    assert targets["nnUNetTrainerMTCMKD"]["status"] == "MISS"  # 4.5 > 4.3
+    assert targets["nnUNetTrainerMTCMKD"]["with_data_loading_status"] == "PASS"  # 3.8
+    assert targets["nnUNetTrainerMTCMKD_FrozenTeachers"]["status"] == "MISS"  # 2.2 > 2.1
+    assert targets["nnUNetTrainerMGSD"]["status"] == "n/a"  # not run
+    assert targets["inference"]["status"] == "MISS"  # 1.1 > 1.05
+    inference["ratio_student_to_stock"] = 1.0
+    targets = {t["trainer"]: t for t in benchmark_report.evaluate_targets(ratios, inference)}
+    assert targets["inference"]["status"] == "PASS"
+
+
+def test_ratio_ignores_non_numbers():
+    ratios = benchmark_report.compute_ratios({"nnUNetTrainer": {"peak_gpu_memory_mib": "n/a"},
+                                       "X": {"peak_gpu_memory_mib": "n/a"}})
+    assert ratios["X"]["peak_gpu_memory"] is None
+
+
+def test_table_lists_trainers_errors_and_targets():
+    trainers, inference = _fake_result()
+    trainers["nnUNetTrainerMGSD"] = {"error": "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory"}
+    ok = {k: v for k, v in trainers.items() if "error" not in v}
+    ratios = benchmark_report.compute_ratios(ok)
+    result = {"meta": {"device": "cuda", "device_name": "NVIDIA H100", "torch_version": "2", "nnunetv2_version": "2.8.1",
+                       "nnUNet_compile": "0", "dataset": "Dataset991_BraTS2021", "configuration": "3d_fullres",
+                       "patch_size": [128, 128, 128], "batch_size": 2, "fold": "all", "steps": 50, "warmup": 10,
+                       "data_loading_steps": 20, "nnUNet_n_proc_DA": None, "frozen_teachers": "3 unimodal",
+                       "toy": False},
+              "trainers": trainers, "ratios": ratios, "inference": inference,
+              "targets": benchmark_report.evaluate_targets(ratios, inference)}
+    table = benchmark_report.format_table(result)
+    assert "NVIDIA H100" in table and "[128, 128, 128]" in table
+    assert "nnUNetTrainerMGSD" in table and "OutOfMemoryError" in table
+    assert "MISS" in table and "4.50" in table
+    assert "not representative" not in table
+
+
+def test_cli_requires_a_data_source(capsys):
+    with pytest.raises(SystemExit):
+        benchmark._parser().parse_args(["--steps", "2"])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--toy", "--steps", "0"])

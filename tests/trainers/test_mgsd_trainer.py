@@ -1,0 +1,120 @@
+"""MGSD trainers in this process and through nnUNetv2_train: masking, EMA, loss terms, variants, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nnunet_kd.trainers.nnUNetTrainerMGSD as mgsd_module
+from nnunet_kd.training.features import unwrap_network
+from nnunet_kd.trainers.nnUNetTrainerMGSD import (nnUNetTrainerMGSD, nnUNetTrainerMGSD_adv,
+                                                  nnUNetTrainerMGSD_LightModalityKD, nnUNetTrainerModalityDropout)
+
+
+@pytest.fixture(scope="module")
+def trainer(brats_dataset, load_trainer):
+    t = load_trainer(brats_dataset, nnUNetTrainerMGSD)
+    t.on_train_epoch_start()
+    return t
+
+
+def test_two_pass_inputs_mask_each_sample(trainer, synthetic_batch):
+    data = synthetic_batch(trainer, batch_size=4)["data"]
+    torch.manual_seed(0)
+    mask, stacked = trainer._two_pass_inputs(data)
+    assert mask.shape == (4, 4) and mask.any(1).all() and not mask.all(1).any()
+    assert torch.equal(stacked[:4], data)
+    for b in range(4):
+        for m, channel in enumerate(trainer.modality_channels):
+            expected = data[b, channel] if mask[b, m] else torch.zeros_like(data[b, channel])
+            assert torch.equal(stacked[4 + b, channel], expected)
+
+
+def test_stacked_forward_equals_two_passes(trainer, synthetic_batch):
+    """The full and masked samples share one forward: instance norm keeps them independent."""
+    data = synthetic_batch(trainer)["data"]
+    _, stacked = trainer._two_pass_inputs(data)
+    net = unwrap_network(trainer.network)
+    with torch.no_grad():
+        full, masked = trainer._split(net(stacked))
+        assert torch.allclose(full[0], net(data)[0], atol=1e-4)
+        assert torch.allclose(masked[0], net(stacked[2:])[0], atol=1e-4)
+
+
+def test_train_step_updates_ema_by_its_formula(trainer, synthetic_batch):
+    net = unwrap_network(trainer.network)
+    ema_before = {k: v.clone() for k, v in trainer.ema_network.state_dict().items()}
+    out = trainer.train_step(synthetic_batch(trainer, seed=1))
+    assert np.isfinite(out["loss"])
+    m = trainer.ema_momentum
+    for name, p in net.named_parameters():
+        expected = ema_before[name] * m + p.detach() * (1 - m)
+        assert torch.allclose(trainer.ema_network.state_dict()[name], expected, atol=1e-7), name
+    assert set(trainer._term_sums) >= {"supervised", "image", "feature", "modality"}
+
+
+def test_every_distillation_term_has_gradient(trainer, synthetic_batch):
+    batch = synthetic_batch(trainer, seed=2)
+    data = batch["data"]
+    mask, stacked = trainer._two_pass_inputs(data)
+    full_out, masked_out = trainer._split(trainer.network(stacked))
+    terms = trainer._distillation_terms(data, stacked, mask, full_out, masked_out)
+    for name, value in terms.items():
+        assert torch.isfinite(value) and value > 0, name
+        trainer.network.zero_grad(set_to_none=True)
+        value.backward(retain_graph=True)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.network.parameters()), name
+    assert all(p.grad is None for p in trainer.ema_network.parameters())
+
+
+@pytest.mark.parametrize("cls, modality_weight", [(nnUNetTrainerMGSD, 50.0), (nnUNetTrainerMGSD_LightModalityKD, 5.0)])
+def test_step_loss_is_the_weighted_sum_of_its_terms(brats_dataset, cls, modality_weight, load_trainer, synthetic_batch):
+    t = load_trainer(brats_dataset, cls)
+    t.on_train_epoch_start()
+    out = t.train_step(synthetic_batch(t, seed=4))
+    terms = t._term_sums  # one step since the epoch started: the sums are this step's terms
+    assert terms["_n"] == 1 and terms["modality"] > 0
+    expected = (terms["supervised"] + 10 / 3 * terms["image"] + 50 / 3 * terms["feature"]
+                + modality_weight * terms["modality"])
+    assert float(out["loss"]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_loss_finite_with_one_modality(trainer, monkeypatch, synthetic_batch):
+    def one_modality(batch_size, num_modalities, generator=None, device=None):
+        mask = torch.zeros(batch_size, num_modalities, dtype=torch.bool, device=device)
+        mask[:, 1] = True
+        return mask
+
+    monkeypatch.setattr(mgsd_module, "sample_modality_masks", one_modality)
+    out = trainer.train_step(synthetic_batch(trainer, seed=3))
+    assert np.isfinite(out["loss"])
+
+
+def test_feature_levels_follow_the_plan(trainer):
+    num_levels = len(unwrap_network(trainer.network).decoder.stages)
+    assert trainer.feature_kd_levels == tuple(range(min(3, num_levels)))
+    assert len(trainer.multiview.projections) == len(trainer.feature_kd_levels)
+
+
+@pytest.mark.parametrize("cls", [nnUNetTrainerModalityDropout, nnUNetTrainerMGSD_adv])
+def test_variants_train(brats_dataset, cls, load_trainer, synthetic_batch):
+    t = load_trainer(brats_dataset, cls)
+    t.on_train_epoch_start()
+    before = [p.detach().clone() for p in t.network.parameters()]
+    assert np.isfinite(t.train_step(synthetic_batch(t))["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.network.parameters()))
+    if cls is nnUNetTrainerMGSD_adv:
+        assert {"discriminator", "adversarial"} <= set(t._term_sums)
+
+
+def test_train_and_resume_through_nnunetv2_train(mgsd_model, brats_dataset, bin_path, dataset_id, run_cmd):
+    checkpoint = torch.load(mgsd_model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    state = checkpoint["mgsd_state"]
+    assert set(state) == {"ema_weights", "aux_weights", "aux_optimizer_state"}
+    assert checkpoint["network_weights"].keys() == state["ema_weights"].keys()
+    env = dict(brats_dataset["env"], nnUNet_kd_num_epochs="2")
+    run_cmd([bin_path("nnUNetv2_train"), str(dataset_id), "3d_fullres", "all", "-tr", "nnUNetTrainerMGSD", "-device",
+         "cpu", "--c"], env)
+    resumed = torch.load(mgsd_model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == 2
+    assert any(not torch.equal(resumed["mgsd_state"]["ema_weights"][k], v) for k, v in state["ema_weights"].items())
