@@ -14,7 +14,8 @@ import pytest
 
 from nnunet_kd.experiments.runner import CommandFailed, nnunet_environment, run_command
 
-REAL_BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "BraTS2021_sample"
+#: The development data beside the repository (``../shared/data``); tests that need it skip without it.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASET_ID = 501
 DATASET_NAME = "Dataset501_BraTS2021"
 T1CE_DATASET_ID = 502
@@ -42,6 +43,25 @@ def _run(cmd: List[str], env: Dict[str, str], check: bool = True, timeout: int =
 def _bin_path(name: str) -> str:
     """A console script of this virtual environment."""
     return str(Path(sys.executable).parent / name)
+
+
+def _shared_data(name: str) -> Path:
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"real data {folder} is not present (development data beside the repository)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_brats2018() -> Path:
+    """``../shared/data/BraTS2018_2mm``: 33 real BraTS 2018 cases at 2 mm (skips when absent)."""
+    return _shared_data("BraTS2018_2mm")
+
+
+@pytest.fixture(scope="session")
+def real_brats2021() -> Path:
+    """``../shared/data/BraTS2021_sample``: 4 real BraTS 2021 cases at 1 mm (skips when absent)."""
+    return _shared_data("BraTS2021_sample")
 
 
 @pytest.fixture(scope="session")

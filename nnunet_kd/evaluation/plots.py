@@ -86,3 +86,60 @@ def plot_heatmap(results: Mapping, metric: str, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_paired_differences(differences: Mapping[str, Mapping], baseline: str, path: str) -> str:
+    """Forest plot: per model (rows) and region, the mean paired difference to ``baseline`` with its interval.
+
+    ``differences``: ``{model: {region: {metric: {"mean", "low", "high", "n"}}}}`` as
+    :func:`nnunet_kd.evaluation.paired.paired_difference` returns; Dice in points (x 100), HD95 in mm.
+    """
+    models = list(differences)
+    fig = _new_figure((10, 0.45 * len(models) * len(REGIONS) + 1.8))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, metric, scale, unit in ((axes[0], "dice", 100.0, "Dice points"), (axes[1], "hd95", 1.0, "HD95 mm")):
+        ticks, labels = [], []
+        for r_index, region in enumerate(REGIONS):
+            for m_index, model in enumerate(models):
+                y = r_index * (len(models) + 1) + m_index
+                e = differences[model][region][metric]
+                mean, low, high = (scale * e[k] for k in ("mean", "low", "high"))
+                ax.errorbar([mean], [y], xerr=[[mean - low], [high - mean]] if np.isfinite(low) else None,
+                            fmt="o", color=f"C{m_index}", capsize=3)
+                ticks.append(y)
+                labels.append(f"{region}: {model}")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xlabel(f"Δ {unit} (mean, 95% bootstrap CI)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()  # the axes share y: invert once
+    n = differences[models[0]][next(iter(REGIONS))]["dice"]["n"] if models else 0
+    fig.suptitle(f"Paired per-case differences, model - {baseline} (n = {n} cases)", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_model_means(models: Mapping[str, Mapping], path: str) -> str:
+    """Bar chart of each model's (legend) mean Dice per region with its standard deviation.
+
+    ``models``: ``{model: {"mean": {region: {"dice": x}}, "sd": {region: {"dice": x}}}}``.
+    """
+    fig = _new_figure((9, 5))
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(models)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        means = [100 * models[name]["mean"][r]["dice"] for r in REGIONS]
+        sds = [100 * models[name]["sd"][r]["dice"] for r in REGIONS]
+        ax.bar(np.arange(len(REGIONS)) + i * width, means, width, yerr=sds, capsize=2, label=name)
+    ax.set_xticks(np.arange(len(REGIONS)) + width * (len(names) - 1) / 2)
+    ax.set_xticklabels(list(REGIONS))
+    ax.set_ylabel("Dice (%) on held-out cases, mean ± sd over cases")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

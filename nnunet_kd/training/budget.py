@@ -9,6 +9,8 @@ BUDGET_ENV = {
     "nnUNet_kd_num_epochs": "num_epochs",
     "nnUNet_kd_iterations_per_epoch": "num_iterations_per_epoch",
     "nnUNet_kd_val_iterations": "num_val_iterations_per_epoch",
+    # checkpoint_latest every N epochs (nnU-Net: 50), so that a killed short run continues with --c
+    "nnUNet_kd_save_every": "save_every",
 }
 
 

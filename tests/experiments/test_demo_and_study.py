@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from nnunet_kd.experiments.study_design import BASELINE
+
 
 
 def test_demo_runs_mtcmkd_and_mgsd(tmp_path, bin_path, nnunet_env, run_cmd):
@@ -21,20 +23,21 @@ def test_demo_runs_mtcmkd_and_mgsd(tmp_path, bin_path, nnunet_env, run_cmd):
     assert "held-out scores" in proc.stdout
 
 
-def test_study_runs_at_toy_size(tmp_path, bin_path, nnunet_env, run_cmd):
+def test_study_on_synthetic_data_resume_and_collect(tmp_path, bin_path, nnunet_env, run_cmd):
     env = nnunet_env(tmp_path)
     work = tmp_path / "study"
     study = [bin_path("python"), "-m", "nnunet_kd.experiments.study"]
-    run_cmd(study + ["--toy", "--seeds", "0", "--workdir", str(work), "--device", "cpu", "-np", "1"], env,
-            timeout=1500)
+    run_cmd(study + ["--toy", "--seeds", "0", "--workdir", str(work), "--device", "cpu", "-np", "1",
+                     "--only", "nnUNetTrainerModalityDropout_full"], env, timeout=1500)
     result = json.loads((work / "study.json").read_text())
-    models = result["summary"]["models"]
-    assert len(models) == 5 and any("MTCM-KD" in m for m in models) and any("MGSD" in m for m in models)
-    assert len(result["summary"]["mgsd_combinations"]) == 15
-    for regions in models.values():
-        assert all(0 <= regions[r]["dice"]["mean"] <= 1 for r in ("WT", "TC", "ET"))
+    summary = result["summary"]
+    assert list(summary["models"]) == [BASELINE, "modality dropout fed T1ce alone"]
+    for entry in summary["models"].values():
+        assert entry["n"] == 1 and all(0 <= entry["mean"][r]["dice"] <= 1 for r in ("WT", "TC", "ET"))
+    assert len(summary["combinations"]["modality dropout fed T1ce alone"]) == 15
+    assert list(summary["paired"]) == ["modality dropout fed T1ce alone"]
     assert (work / "study_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "MGSD over all 15 modality combinations" in (work / "study.md").read_text()
+    assert "modality dropout over all 15 modality combinations" in (work / "study.md").read_text()
 
     # --resume with other settings is refused and leaves the work dir as it was.
     scores = sorted((work / "seed0").glob("scores_*.json"))
@@ -42,23 +45,64 @@ def test_study_runs_at_toy_size(tmp_path, bin_path, nnunet_env, run_cmd):
     proc = run_cmd(study + ["--seeds", "0", "--workdir", str(work), "--cases", "2", "--test-cases", "1",
                             "--shape", "32", "32", "32", "--epochs", "2", "--iterations", "1", "--device", "cpu",
                             "--resume"], env, check=False)
-    assert proc.returncode != 0 and "epochs was 1, now 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "epochs was 1, now 2" in proc.stderr and "Traceback" not in proc.stderr
     assert [f.stat().st_mtime_ns for f in scores] == stamps
 
     # --resume --ablations --only: trains just the one new model asked for; the finished ones are kept.
     run_cmd(study + ["--toy", "--seeds", "0", "--workdir", str(work), "--device", "cpu", "-np", "1", "--resume",
-                     "--ablations", "--only", "nnUNetTrainerMTCMKD_StrongKD_full", "nnUNetTrainerMGSD_full"], env,
-            timeout=1500)
+                     "--ablations", "--only", "nnUNetTrainerMTCMKD_KDFromStart_full"], env, timeout=1500)
     assert [f.stat().st_mtime_ns for f in scores] == stamps
     trained = sorted(f.name[len("train_"):-len(".log")] for f in (work / "seed0" / "logs").glob("train_*.log"))
-    assert trained == sorted(["nnUNetTrainerBudget_t1ce", "nnUNetTrainerBudget_full", "nnUNetTrainerMGSD_full",
-                              "nnUNetTrainerMTCMKD_full", "nnUNetTrainerModalityDropout_full",
-                              "nnUNetTrainerMTCMKD_StrongKD_full"])
-    result = json.loads((work / "study.json").read_text())
-    assert list(result["summary"]["models"]) == ["MGSD fed T1ce alone",
-                                                 "ablation: MTCM-KD, KD from epoch 0, scaled by T^2"]
-    assert len(result["summary"]["mgsd_combinations"]) == 15
+    assert trained == sorted(["nnUNetTrainerBudget_t1ce", "nnUNetTrainerModalityDropout_full",
+                              "nnUNetTrainerMTCMKD_KDFromStart_full"])
 
-    proc = run_cmd(study + ["--toy", "--only", "nnUNetTrainerMTCMKD_StrongKD_full"], env, check=False)
+    # --collect reports on what finished, here every model the settings name.
+    report = tmp_path / "report"
+    run_cmd(study + ["--toy", "--ablations", "--collect", str(work), "--workdir", str(report)], env)
+    collected = json.loads((report / "study.json").read_text())["summary"]
+    assert set(collected["models"]) == {BASELINE, "modality dropout fed T1ce alone",
+                                        "ablation: MTCM-KD, KD from epoch 0"}
+    assert "MGSD fed T1ce alone" in collected["incomplete"]
+
+    # A work dir the study did not make is never replaced.
+    own = tmp_path / "thesis"
+    own.mkdir()
+    (own / "chapter1.tex").write_text("precious")
+    proc = run_cmd(study + ["--toy", "--workdir", str(own)], env, check=False)
+    assert proc.returncode == 1 and "did not write" in proc.stderr
+    assert (own / "chapter1.tex").read_text() == "precious"
+
+    proc = run_cmd(study + ["--toy", "--only", "nnUNetTrainerMTCMKD_KDFromStart_full"], env, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "unknown model(s) nnUNetTrainerMTCMKD_StrongKD_full" in proc.stderr and "need --ablations" in proc.stderr
+    assert "unknown model(s) nnUNetTrainerMTCMKD_KDFromStart_full" in proc.stderr and "need --ablations" in proc.stderr
+
+
+def test_study_on_real_cases_in_folds_at_a_target_spacing(tmp_path, bin_path, nnunet_env, run_cmd, real_brats2018):
+    """The real-data study at toy size: 2 real cases, 2 folds, planned at 6 mm through nnU-Net's planner."""
+    release = tmp_path / "two_cases"
+    release.mkdir()
+    for case in sorted(real_brats2018.iterdir())[:2]:
+        (release / case.name).symlink_to(case)
+    env = nnunet_env(tmp_path)
+    work = tmp_path / "study"
+    run_cmd([bin_path("python"), "-m", "nnunet_kd.experiments.study", "--real-brats", str(release), "--folds", "2",
+             "--target-spacing", "6", "6", "6", "--epochs", "1", "--iterations", "2", "--device", "cpu", "-np", "1",
+             "--workdir", str(work), "--only", "nnUNetTrainerMTCMKD_full", "nnUNetTrainerMGSD_full"], env,
+            timeout=1500)
+    result = json.loads((work / "study.json").read_text())
+    assert result["splits"] == ["fold0", "fold1"]
+    summary = result["summary"]
+    assert list(summary["models"]) == [BASELINE, "MGSD fed T1ce alone", "MTCM-KD student (T1ce)"]
+    assert all(entry["n"] == 2 for entry in summary["models"].values())  # every case is a test case once
+    for fold in ("fold0", "fold1"):
+        tested = json.loads((work / fold / "scores_nnUNetTrainerBudget_t1ce.json").read_text())["cases"]
+        assert len(tested) == 1
+        plans = json.loads(next((work / fold / "preprocessed").glob("Dataset600_*/nnUNetPlans_6x6x6mm.json"))
+                           .read_text())
+        assert plans["configurations"]["3d_fullres"]["spacing"] == [6.0, 6.0, 6.0]
+    paired = summary["paired"]["MTCM-KD student (T1ce)"]["WT"]["dice"]
+    assert paired["n"] == 2 and paired["low"] <= paired["mean"] <= paired["high"]
+    assert len(summary["combinations"]["MGSD fed T1ce alone"]) == 15
+    assert (work / "study_paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (work / "study.md").read_text()
+    assert "Paired per-case differences" in md and "target spacing 6x6x6 mm" in md and "commit" in md

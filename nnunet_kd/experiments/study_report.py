@@ -1,0 +1,192 @@
+"""The study's report: per-case scores read back from the split folders, the paired differences to the
+baseline, Markdown tables and plots (study.json, study.md, study_dice.png, study_paired.png)."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from nnunet_kd.atomic import atomic_write_json, atomic_write_text
+from nnunet_kd.brats import REGIONS
+from nnunet_kd.evaluation.metrics import METRICS, mean_metrics
+from nnunet_kd.evaluation.paired import paired_difference, verdict
+from nnunet_kd.experiments.study_design import BASELINE, StudyError, StudyModel, StudySettings
+
+
+def scores_file(root: Path, model: StudyModel) -> Path:
+    """Where a split's scores of one model are written."""
+    return root / f"scores_{model.slug}.json"
+
+
+def combinations_file(root: Path, model: StudyModel) -> Path:
+    """Where a split's 15-combination table of one model is written."""
+    return root / f"combinations_{model.slug}" / "missing_modalities.json"
+
+
+def collect_split(root: Path, models: Mapping[str, StudyModel]) -> dict:
+    """Per-case scores of the models (and combination tables) a split has finished so far.
+
+    Returns ``{"models": {name: {case: metrics}}, "combinations": {name: {combination: {case: metrics}}}}``.
+    """
+    out: dict = {"models": {}, "combinations": {}}
+    for name, model in models.items():
+        if scores_file(root, model).exists():
+            out["models"][name] = json.loads(scores_file(root, model).read_text())["cases"]
+        if model.combinations and combinations_file(root, model).exists():
+            table = json.loads(combinations_file(root, model).read_text())["combinations"]
+            out["combinations"][name] = {combo: entry["cases"] for combo, entry in table.items()}
+    return out
+
+
+def _pooled(per_split: Mapping[str, dict], group: str, name: str) -> Optional[dict]:
+    """The cases of every split (``split/case``), or None unless every split has them."""
+    if not all(name in split[group] for split in per_split.values()):
+        return None
+    return {f"{s}/{case}": v for s, split in per_split.items() for case, v in split[group][name].items()}
+
+
+def _spread(cases: Mapping[str, Mapping]) -> dict:
+    """Standard deviation over cases of each region's Dice and HD95."""
+    return {r: {m: float(np.std([c[r][m] for c in cases.values()], ddof=1)) if len(cases) > 1 else 0.0
+                for m in METRICS} for r in REGIONS}
+
+
+def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -> dict:
+    """Means over the pooled held-out cases, paired differences to the baseline, the combination tables.
+
+    Models that have not finished every split are listed under ``incomplete``.
+    """
+    summary: dict = {"models": {}, "paired": {}, "combinations": {}, "incomplete": {}}
+    pooled = {}
+    for name in models:
+        cases = _pooled(per_split, "models", name)
+        if cases is None:
+            summary["incomplete"][name] = sum(name in s["models"] for s in per_split.values())
+            continue
+        pooled[name] = cases
+        summary["models"][name] = {"n": len(cases), "mean": mean_metrics(cases), "sd": _spread(cases)}
+    if BASELINE in pooled:
+        summary["paired"] = {name: paired_difference(cases, pooled[BASELINE])
+                             for name, cases in pooled.items() if name != BASELINE}
+    for name, model in models.items():
+        combos = {} if not model.combinations else {
+            combo: _pooled({s: {"c": split["combinations"].get(name, {})} for s, split in per_split.items()}, "c",
+                           combo)
+            for combo in next(iter(per_split.values()))["combinations"].get(name, {})}
+        if combos and all(v is not None for v in combos.values()):
+            summary["combinations"][name] = {combo: mean_metrics(cases) for combo, cases in combos.items()}
+    return summary
+
+
+def models_table(summary: dict) -> str:
+    lines = ["| model | cases | WT Dice | TC Dice | ET Dice | WT HD95 | TC HD95 | ET HD95 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in summary["models"].items():
+        mean, sd = entry["mean"], entry["sd"]
+        dice = [f"{100 * mean[r]['dice']:.1f} ± {100 * sd[r]['dice']:.1f}" for r in REGIONS]
+        hd = [f"{mean[r]['hd95']:.1f} ± {sd[r]['hd95']:.1f}" for r in REGIONS]
+        lines.append(f"| {name} | {entry['n']} | " + " | ".join(dice + hd) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(summary: dict) -> str:
+    lines = ["| model | region | Δ Dice (points) [95% CI] | p | better | Δ HD95 (mm) [95% CI] | p | verdict (Dice, HD95) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, regions in summary["paired"].items():
+        for r in REGIONS:
+            d, h = regions[r]["dice"], regions[r]["hd95"]
+            lines.append(
+                f"| {name} | {r} | {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | "
+                f"{d['p']:.3g} | {d['better']}/{d['n']} | {h['mean']:+.1f} [{h['low']:+.1f}, {h['high']:+.1f}] | "
+                f"{h['p']:.3g} | {verdict(d, 'dice')}, {verdict(h, 'hd95')} |")
+    return "\n".join(lines)
+
+
+def combinations_table(means: Mapping[str, Mapping]) -> str:
+    lines = ["| available modalities | WT Dice | TC Dice | ET Dice | WT HD95 | TC HD95 | ET HD95 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for combo, m in means.items():
+        lines.append(f"| {combo} | " + " | ".join([f"{100 * m[r]['dice']:.1f}" for r in REGIONS]
+                                               + [f"{m[r]['hd95']:.1f}" for r in REGIONS]) + " |")
+    return "\n".join(lines)
+
+
+def source_commit() -> str:
+    """The git commit of the package's checkout (``-dirty`` when it has changes), or ``unknown``."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySettings, wall_time_s: float,
+                 markdown: Optional[str] = None) -> dict:
+    """study.json, study.md (and ``markdown``), study_dice.png, study_paired.png from the splits' scores."""
+    from nnunet_kd.evaluation.plots import plot_model_means, plot_paired_differences
+
+    s = settings
+    summary = summarise(per_split, s.models())
+    if not summary["models"]:
+        raise StudyError(f"{work}: no model has finished every split yet")
+    result = {"date": date.today().isoformat(), "device": s.device, "host": platform.node(),
+              "commit": source_commit(), "command": " ".join(sys.argv), "splits": list(per_split),
+              "settings": s.resume_record(), "wall_time_s": wall_time_s, "per_split": per_split,
+              "summary": summary}
+    atomic_write_json(result, str(work / "study.json"))
+    plot_model_means(summary["models"], str(work / "study_dice.png"))
+    if summary["paired"]:
+        plot_paired_differences(summary["paired"], BASELINE, str(work / "study_paired.png"))
+    splits = ", ".join(per_split)
+    if s.real_brats:
+        data = (f"real cases in `{s.real_brats}`, {s.folds} folds (each case is a test case once); splits run: "
+                f"{splits}")
+    else:
+        data = (f"synthetic data, {s.cases} training and {s.test_cases} held-out cases of "
+                f"{'x'.join(map(str, s.shape))} voxels per seed; splits: {splits}")
+    spacing = "nnU-Net's planned spacing" if s.target_spacing is None else \
+        "target spacing " + "x".join(f"{v:g}" for v in s.target_spacing) + " mm"
+    md = (f"{data}; {spacing}; {s.epochs} epochs x {s.iterations} iterations per model; device {s.device}; "
+          f"{result['date']}; commit {result['commit']}"
+          f"{f'; {wall_time_s:.0f} s' if np.isfinite(wall_time_s) else ''}.\n\n"
+          "Held-out cases, T1ce-only input unless stated (Dice %, HD95 mm; mean ± sd over cases):\n\n"
+          + models_table(summary) + "\n")
+    if summary["paired"]:
+        md += (f"\nPaired per-case differences to {BASELINE} (95% bootstrap CI of the mean difference, "
+               "Wilcoxon signed-rank p; better = cases in which the model is better):\n\n"
+               + paired_table(summary) + "\n")
+    for name, means in summary["combinations"].items():
+        md += f"\n{name.replace(' fed T1ce alone', '')} over all 15 modality combinations:\n\n" \
+              + combinations_table(means) + "\n"
+    if summary["incomplete"]:
+        md += "\nNot finished on every split yet: " + "; ".join(
+            f"{name} ({done} of {len(per_split)})" for name, done in summary["incomplete"].items()) + ".\n"
+    atomic_write_text(str(work / "study.md"), md)
+    if markdown:
+        atomic_write_text(markdown, md)
+    print(md)
+    return result
+
+
+def collect_report(workdirs: Sequence[str], workdir: str, settings: StudySettings,
+                   markdown: Optional[str] = None) -> dict:
+    """Report in ``workdir`` over the split folders (``seedN``, ``foldN``) that runs left in ``workdirs``
+    (several machines, or an unfinished run)."""
+    split_dirs: List[Path] = sorted(d for w in workdirs for pattern in ("seed*", "fold*")
+                                    for d in Path(w).resolve().glob(pattern) if d.is_dir())
+    if not split_dirs:
+        raise StudyError(f"no seedN or foldN folders in {' '.join(workdirs)}")
+    per_split: Dict[str, dict] = {d.name: collect_split(d, settings.models()) for d in split_dirs}
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    return write_report(work, per_split, settings, float("nan"), markdown)

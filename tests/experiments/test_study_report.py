@@ -1,0 +1,55 @@
+"""The study's report from score files alone: pooling over splits, paired differences, incomplete models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunet_kd.experiments.study_design import BASELINE, MODELS, StudySettings
+from nnunet_kd.experiments.study_report import collect_report, combinations_file, scores_file
+
+DROPOUT = "modality dropout fed T1ce alone"
+MTCMKD = "MTCM-KD student (T1ce)"
+
+
+def _metrics(dice, hd95):
+    return {r: {"dice": dice, "hd95": hd95} for r in ("WT", "TC", "ET")}
+
+
+def _write_scores(path, cases):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"mean": {}, "cases": {c: _metrics(*v) for c, v in cases.items()}}))
+
+
+def test_report_pools_splits_and_pairs_cases(tmp_path):
+    work = tmp_path / "study"
+    base = {"fold0": {"a": (0.5, 10.0), "b": (0.6, 8.0)}, "fold1": {"c": (0.7, 6.0)}}
+    for fold, cases in base.items():
+        root = work / fold
+        _write_scores(scores_file(root, MODELS[BASELINE]), cases)
+        _write_scores(scores_file(root, MODELS[DROPOUT]), {c: (d + 0.1, h - 1.0) for c, (d, h) in cases.items()})
+        table = {"T1ce": {"cases": {c: _metrics(*v) for c, v in cases.items()}},
+                 "T1+T1ce": {"cases": {c: _metrics(1.0, 1.0) for c in cases}}}
+        combinations_file(root, MODELS[DROPOUT]).parent.mkdir(parents=True)
+        combinations_file(root, MODELS[DROPOUT]).write_text(json.dumps({"combinations": table}))
+    _write_scores(scores_file(work / "fold0", MODELS[MTCMKD]), {"a": (0.9, 1.0)})  # fold1 not finished
+
+    settings = StudySettings(real_brats="cases", folds=2, target_spacing=(4.0, 4.0, 4.0), epochs=8, iterations=25)
+    report = tmp_path / "report"
+    md_file = tmp_path / "results.md"
+    result = collect_report([str(work)], str(report), settings, str(md_file))
+    summary = result["summary"]
+    assert list(summary["models"]) == [BASELINE, DROPOUT]
+    assert summary["models"][BASELINE]["n"] == 3
+    assert summary["models"][BASELINE]["mean"]["WT"]["dice"] == pytest.approx(0.6)
+    paired = summary["paired"][DROPOUT]["ET"]
+    assert paired["dice"]["mean"] == pytest.approx(0.1) and paired["dice"]["better"] == 3
+    assert paired["hd95"]["mean"] == pytest.approx(-1.0) and paired["hd95"]["better"] == 3
+    assert summary["combinations"][DROPOUT]["T1+T1ce"]["WT"]["dice"] == pytest.approx(1.0)
+    assert summary["incomplete"] == {MTCMKD: 1, **{n: 0 for n in MODELS if n not in (BASELINE, DROPOUT, MTCMKD)}}
+    md = md_file.read_text()
+    assert "target spacing 4x4x4 mm" in md and "8 epochs x 25 iterations" in md and "commit" in md
+    assert f"| {DROPOUT} | WT | +10.0 [+10.0, +10.0] |" in md
+    assert f"{MTCMKD} (1 of 2)" in md
+    for png in ("study_dice.png", "study_paired.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
