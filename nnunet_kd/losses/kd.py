@@ -9,21 +9,23 @@ nnU-Net's output kinds:
 
 Reduction
 ---------
-The reference implementation uses ``F.kl_div(..., reduction='batchmean')``, i.e.
-the KL summed over every voxel and divided by the batch size only. On 3-D
-patches of ~10^6 voxels that makes the KD term ~10^6 times larger than
-nnU-Net's Dice + CE (which are per-voxel means), so the reference's relative
-loss weights (0.75 seg, 0.15 KD, ...) would be meaningless. We therefore sum
-over classes/regions and **average over batch and voxels**; with batch 1 and a
-single voxel both reductions coincide.
+``"mean"`` (the default): KL summed over classes/regions, **averaged over batch and
+voxels**, like nnU-Net's Dice + CE, so the term's size does not depend on the patch.
+``"batchmean"``: the reference implementation's ``F.kl_div(..., reduction='batchmean')``,
+the KL summed over every voxel and divided by the batch size only; on 3-D patches of
+~10^5-10^6 voxels it is that many times the per-voxel mean. Kept for the reference
+variant; with batch 1 and a single voxel both reductions coincide.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["response_kd_loss", "binary_kl_from_logits", "ResponseKDLoss"]
+__all__ = ["response_kd_loss", "binary_kl_from_logits", "KD_REDUCTIONS"]
+
+#: Reductions of :func:`response_kd_loss` over batch and voxels.
+KD_REDUCTIONS = ("mean", "batchmean")
 
 
 def binary_kl_from_logits(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
@@ -49,6 +51,7 @@ def response_kd_loss(
     temperature: float,
     use_regions: bool,
     temperature_power: int = 1,
+    reduction: str = "mean",
 ) -> Tensor:
     """Temperature-scaled KL(teacher || student) on raw network outputs.
 
@@ -63,11 +66,12 @@ def response_kd_loss(
         temperature_power: the result is multiplied by ``T ** temperature_power``. The
             MTCM-KD reference uses T (power 1); Hinton's gradient-preserving scaling is
             T^2 (power 2).
+        reduction: ``"mean"``: KL summed over channels, averaged over batch and voxels;
+            ``"batchmean"``: summed over channels and voxels, divided by the batch size
+            (the reference's; see module docstring).
 
     Returns:
-        0-dim float32 tensor: KL summed over channels, averaged over batch and voxels
-        (not the reference's 'batchmean', which sums over voxels and would make the
-        term ~10^6 times nnU-Net's Dice + CE on 3-D patches; see module docstring).
+        0-dim float32 tensor.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -78,6 +82,8 @@ def response_kd_loss(
         raise ValueError(f"expected (B, C, *spatial) logits, got shape {tuple(student_logits.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"KD reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
 
     # Under autocast, exp/log in half precision lose the small probability differences
     # the KL is made of: compute in float32 with autocast switched off.
@@ -89,31 +95,6 @@ def response_kd_loss(
         else:
             kl = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1),
                           reduction="none", log_target=True)
-        # sum over channels, mean over batch and all spatial positions
-        loss = kl.sum(dim=1).mean()
+        per_voxel = kl.sum(dim=1)  # (B, *spatial)
+        loss = per_voxel.mean() if reduction == "mean" else per_voxel.sum() / per_voxel.shape[0]
         return loss * (float(temperature) ** temperature_power)
-
-
-class ResponseKDLoss(nn.Module):
-    """Module wrapper of :func:`response_kd_loss`.
-
-    forward(student_logits (B, C, *spatial), teacher_logits (B, C, *spatial)) -> 0-dim
-    float32 tensor. The teacher is detached inside.
-    """
-
-    def __init__(self, temperature: float = 20.0, temperature_power: int = 1,
-                 use_regions: bool = True) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.temperature_power = int(temperature_power)
-        self.use_regions = bool(use_regions)
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return response_kd_loss(student_logits, teacher_logits, self.temperature,
-                                self.use_regions, self.temperature_power)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, temperature_power={self.temperature_power}, "
-                f"use_regions={self.use_regions}")

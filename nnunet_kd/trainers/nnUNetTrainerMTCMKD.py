@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,14 +26,20 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import dataset_modalities
 from nnunet_kd.losses.cdsfl import CDSFL
-from nnunet_kd.losses.kd import response_kd_loss
+from nnunet_kd.losses.mtcmkd_student import STUDENT_TERMS, ResponseKD, student_loss_terms
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
 from nnunet_kd.training.budget import apply_budget_overrides
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
+from nnunet_kd.training.gradient_shares import GradientShareMeter
 from nnunet_kd.training.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
 from nnunet_kd.training.model_folder import dataset_channels, subset_dataset_json, subset_plans
 from nnunet_kd.training.optimisation import autocast_for, backward_and_step, sgd_with_poly_lr
 from nnunet_kd.training.teachers import load_frozen_teacher, resolve_teacher_checkpoint
+
+
+#: Per-epoch distillation record (gradient shares, KD weights, teacher Dice) in the fold's output folder.
+DISTILLATION_LOG = "distillation_log.json"
+
 
 class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
     """MTCM-KD with a T1ce student and three unimodal teachers (T1, T2, FLAIR), trained online."""
@@ -46,18 +52,21 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
     cdsfl_reduction: int = 16
     #: Teacher loss = sum of teacher seg losses + cdsfl_loss_weight * CDSFL seg loss.
     cdsfl_loss_weight: float = 0.08
-    #: Sum of the performance-aware KD weights (0.15 in the reference run).
-    kd_total_weight: float = 0.15
-    #: Per-teacher KD weight before the first performance measurement (reference: 0.1).
-    initial_kd_weight: float = 0.1
-    #: KD starts in this epoch ("after the first epoch" in the paper).
+    #: Response KD (docs/kd_defaults_notes.md): KL(teacher || student) at temperature ``kd_temperature``, times
+    #: T ** ``kd_temperature_power``, reduced over voxels by ``kd_reduction`` ("mean": per-voxel mean like
+    #: nnU-Net's Dice + CE; "batchmean": the reference's sum over the patch), the teachers' weights summing to
+    #: ``kd_total_weight``. The default gives response KD about a third of the student's gradient at its
+    #: logits; the reference's settings are the _Reference and _VoxelMeanT1 variants.
+    kd_temperature: float = 2.0
+    kd_temperature_power: int = 2
+    kd_reduction: str = "mean"
+    kd_total_weight: float = 0.5
+    #: Per-teacher KD weight before the first performance measurement; None: kd_total_weight / teachers.
+    initial_kd_weight: Optional[float] = None
+    #: KD starts in this epoch ("after the first epoch" in the paper). Before it the student loss is
+    #: nnU-Net's deep-supervised segmentation loss alone, as in the reference.
     kd_start_epoch: int = 1
-    #: Temperature of the response KD. The reference uses T = 20 and multiplies the KL by T (power 1).
-    #: We keep both: with T^2 the KD term approaches logit matching and, at the reference KD weights,
-    #: outweighs nnU-Net's Dice + CE loss by an order of magnitude.
-    kd_temperature: float = 20.0
-    kd_temperature_power: int = 1
-    #: Student loss weights (docs/methods.md): 0.75 seg + sum_i w_i KD_i + 0.10 (0.7 DS seg + 0.3 DS KD).
+    #: Student loss once KD is on (docs/methods.md): 0.75 seg + sum_i w_i KD_i + 0.10 (0.7 DS seg + 0.3 DS KD).
     student_seg_weight: float = 0.75
     student_ds_weight: float = 0.10
     student_ds_seg_fraction: float = 0.7
@@ -78,8 +87,12 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         self.cdsfl = None
         self.teacher_optimizer = self.teacher_lr_scheduler = None
         self.performance_tracker = PerformanceTracker(len(self.teacher_channels))
-        self.performance_weights = torch.full((len(self.teacher_channels),), float(self.initial_kd_weight),
-                                              dtype=torch.float64)
+        initial = self.initial_kd_weight if self.initial_kd_weight is not None else \
+            self.kd_total_weight / len(self.teacher_channels)
+        self.performance_weights = torch.full((len(self.teacher_channels),), float(initial), dtype=torch.float64)
+        #: Student loss terms whose gradient at the student's logits is measured every step.
+        self.gradient_shares = GradientShareMeter(STUDENT_TERMS)
+        self._epoch_kd_weights: Optional[List[float]] = None
         self.kd_history: List[dict] = []
         self._val_aux: Dict[str, np.ndarray] = {}
 
@@ -115,9 +128,14 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         self.teacher_optimizer, self.teacher_lr_scheduler = sgd_with_poly_lr(trainable, self)
         if self.is_ddp:
             # DDP broadcasts rank 0's weights at wrap time, so all ranks start from the same teachers.
+            device_ids = [self.local_rank] if self.device.type == "cuda" else None
             if not self.freeze_teachers:
-                teachers = [DDP(t, device_ids=[self.local_rank]) for t in teachers]
-            self.cdsfl = DDP(self.cdsfl, device_ids=[self.local_rank])
+                # When nnU-Net compiles, its loss gives the lowest deep-supervision level weight 0, so the eager
+                # teachers' heads of that level get no gradient and DDP would wait for them forever: let DDP
+                # find them. (nnU-Net's compiled student gives every parameter a gradient, zeros included.)
+                unused_heads = any(w == 0 for w in self.loss.weight_factors)
+                teachers = [DDP(t, device_ids=device_ids, find_unused_parameters=unused_heads) for t in teachers]
+            self.cdsfl = DDP(self.cdsfl, device_ids=device_ids)
         self.teachers = teachers
         self.print_to_log_file(
             f"MTCM-KD: student {self.student_modality} (channel {self.student_channels}), teachers "
@@ -149,6 +167,8 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         self.cdsfl.train()
         self.teacher_lr_scheduler.step(self.current_epoch)
         self.performance_tracker.reset()
+        self.gradient_shares.reset()
+        self._epoch_kd_weights = self.performance_weights.tolist() if self.kd_active else None
         self.print_to_log_file(f"KD weights this epoch: {np.round(self.performance_weights.numpy(), 4).tolist()}"
                                f"{'' if self.kd_active else ' (KD not started yet)'}")
 
@@ -176,21 +196,19 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         return sum(self.loss(o, target) for o in outputs) + self.cdsfl_loss_weight * cdsfl_loss
 
     def _kd(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return response_kd_loss(student_logits, teacher_logits, self.kd_temperature,
-                                self.label_manager.has_regions, self.kd_temperature_power)
+        return ResponseKD(self.kd_temperature, self.kd_temperature_power, self.kd_reduction,
+                          self.label_manager.has_regions)(student_logits, teacher_logits)
+
+    def _student_terms(self, student_out, teacher_outputs, fused, target) -> Dict[str, torch.Tensor]:
+        """The student loss as weighted terms (their sum is the loss), keyed by STUDENT_TERMS names."""
+        return student_loss_terms(
+            student_out, teacher_outputs, fused, target, seg_loss=self.loss, kd=self._kd,
+            kd_weights=self.performance_weights.tolist(), levels=self.cdsfl_levels, kd_active=self.kd_active,
+            seg_weight=self.student_seg_weight, ds_weight=self.student_ds_weight,
+            ds_seg_fraction=self.student_ds_seg_fraction, ds_kd_fraction=self.student_ds_kd_fraction)
 
     def _student_loss(self, student_out, teacher_outputs, fused, target) -> torch.Tensor:
-        loss = self.student_seg_weight * self.loss(student_out, target)
-        ds_term = 0.
-        for lvl in self.cdsfl_levels:
-            ds_term = ds_term + self.student_ds_seg_fraction * self.loss.loss(student_out[lvl], target[lvl])
-            if self.kd_active:
-                ds_term = ds_term + self.student_ds_kd_fraction * self._kd(student_out[lvl], fused[lvl])
-        loss = loss + self.student_ds_weight * ds_term
-        if self.kd_active:
-            for weight, t_out in zip(self.performance_weights.tolist(), teacher_outputs):
-                loss = loss + weight * self._kd(student_out[0], t_out[0])
-        return loss
+        return sum(self._student_terms(student_out, teacher_outputs, fused, target).values())
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: dict) -> dict:
@@ -201,8 +219,12 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         with autocast_for(self.device):
             teacher_outputs, fused = self._teacher_forward(data)
             teacher_loss = self._teacher_loss(teacher_outputs, fused, target)
-            student_out = self.network(data[:, self.student_channels])
-            student_loss = self._student_loss(student_out, teacher_outputs, fused, target)
+            # The losses see float32 logits, where each term's own (unscaled) gradient is measured: under
+            # autocast the half-precision logits' gradients of a single unscaled term would underflow.
+            student_out = [o.float() for o in self.network(data[:, self.student_channels])]
+            terms = self._student_terms(student_out, teacher_outputs, fused, target)
+            student_loss = sum(terms.values())
+        self.gradient_shares.update(terms, student_out)
         # Teacher logits enter the student loss detached, so one backward pass trains both sides separately.
         total = teacher_loss + student_loss
         trainable_teachers = [] if self.freeze_teachers else self.teachers
@@ -232,9 +254,14 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         self.performance_tracker.all_reduce()
         teacher_dice = self.performance_tracker.dice()
         self.performance_weights = self.performance_tracker.compute_weights(self.kd_total_weight).double().cpu()
-        self.kd_history.append({"epoch": self.current_epoch, "teacher_loss": float(teacher_loss),
-                                "teacher_train_wt_dice": teacher_dice.tolist(),
+        shares = self.gradient_shares.summary()  # reduced over the ranks
+        self.kd_history.append({"epoch": self.current_epoch, "gradient_share": shares["share"],
+                                "gradient_norm": shares["norm"], "kd_weights": self._epoch_kd_weights,
+                                "teacher_loss": float(teacher_loss), "teacher_train_wt_dice": teacher_dice.tolist(),
                                 "next_kd_weights": self.performance_weights.tolist()})
+        self.print_to_log_file(
+            "student gradient at its logits, share (mean norm): " + ", ".join(
+                f"{name} {shares['share'][name]:.3f} ({shares['norm'][name]:.3g})" for name in STUDENT_TERMS))
         self.print_to_log_file(f"teacher loss {np.round(teacher_loss, 4)}, teacher train WT Dice "
                                f"{np.round(teacher_dice.numpy(), 4).tolist()}, KD weights for next epoch "
                                f"{np.round(self.performance_weights.numpy(), 4).tolist()}")
@@ -288,6 +315,15 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         if self.kd_history and self.kd_history[-1]["epoch"] == self.current_epoch:
             self.kd_history[-1]["val_pseudo_dice"] = summary
 
+    def on_epoch_end(self):
+        self.write_distillation_log()
+        super().on_epoch_end()
+
+    def write_distillation_log(self) -> None:
+        """kd_history (per epoch: gradient shares, KD weights, teacher Dice) as JSON in the output folder."""
+        if self.local_rank == 0:
+            atomic_write_json(self.kd_history, os.path.join(self.output_folder, DISTILLATION_LOG))
+
     # ------------------------------------------------------------------ validation and checkpoints
     def perform_actual_validation(self, save_probabilities: bool = False):
         # nnU-Net hands all preprocessed channels to self.network: let the student see only its own.
@@ -336,23 +372,44 @@ class nnUNetTrainerMTCMKD_MultimodalTeacher(nnUNetTrainerMTCMKD):
     teacher_modalities = (("T1", "T1ce", "T2", "FLAIR"),)
 
 
+class nnUNetTrainerMTCMKD_Reference(nnUNetTrainerMTCMKD):
+    """The reference code's response KD: KL with 'batchmean' (summed over the patch), times T, T = 20,
+    teacher weights summing to 0.15 (0.1 each before the first measurement).
+
+    On 3-D patches this KD is hundreds of times the supervised gradient at the student's logits.
+    """
+
+    kd_temperature = 20.0
+    kd_temperature_power = 1
+    kd_reduction = "batchmean"
+    kd_total_weight = 0.15
+    initial_kd_weight = 0.1
+
+
+class nnUNetTrainerMTCMKD_VoxelMeanT1(nnUNetTrainerMTCMKD_Reference):
+    """The reference's settings with the KL averaged over voxels (this project's earlier default).
+
+    KD is then about 1 % of the student's gradient at its logits: it barely acts.
+    """
+
+    kd_reduction = "mean"
+
+
 class nnUNetTrainerMTCMKD_KDFromStart(nnUNetTrainerMTCMKD):
     """Response KD from the first epoch on (the reference starts it after the first epoch).
 
-    Before the first performance measurement every teacher gets ``initial_kd_weight``.
+    Before the first performance measurement the teachers share ``kd_total_weight`` equally.
     """
 
     kd_start_epoch = 0
 
 
-class nnUNetTrainerMTCMKD_StrongKD(nnUNetTrainerMTCMKD_KDFromStart):
-    """Response KD scaled by T^2 (Hinton et al.) instead of T, from the first epoch on.
-
-    With T^2 the KD gradient no longer shrinks as the temperature grows, so at T = 20 the KD
-    term is 20 times the reference's. For short budgets, where the reference KD barely acts.
-    """
+class nnUNetTrainerMTCMKD_StrongKD(nnUNetTrainerMTCMKD_VoxelMeanT1):
+    """Superseded by the default KD; kept to reproduce earlier results: the _VoxelMeanT1 KD scaled by T^2
+    (Hinton et al.) instead of T, from the first epoch on (T = 20, so 20 times _VoxelMeanT1's KD)."""
 
     kd_temperature_power = 2
+    kd_start_epoch = 0
 
 
 class nnUNetTrainerMTCMKD_AllLevels(nnUNetTrainerMTCMKD):

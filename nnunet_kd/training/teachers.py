@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nnunet_kd.paths import ensure_trainer_lookup
+from nnunet_kd.training.features import unwrap_network
 
 
 def load_frozen_teacher(model_dir: str, fold_name: str, checkpoint_name: str, device: torch.device,
@@ -32,7 +33,9 @@ def load_frozen_teacher(model_dir: str, fold_name: str, checkpoint_name: str, de
     if predictor.label_manager.num_segmentation_heads != label_manager.num_segmentation_heads or \
             predictor.label_manager.has_regions != label_manager.has_regions:
         raise ValueError(f"teacher {model_dir} predicts different labels or regions than this dataset")
-    network = predictor.network
+    # Under nnUNet_compile the predictor compiles the network (state-dict keys gain '_orig_mod.'); the teacher
+    # runs eagerly because its decoder features are read through forward hooks, so take the network inside.
+    network = unwrap_network(predictor.network)
     network.load_state_dict(predictor.list_of_parameters[0])
     network.eval()
     for p in network.parameters():
