@@ -11,7 +11,7 @@ bottleneck, towards a target its heads cannot produce). docs/methods.md gives ev
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
