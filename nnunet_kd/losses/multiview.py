@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["axis_profiles", "mix_normalise", "MultiViewConsistencyLoss"]
+__all__ = ["axis_profiles", "mix_normalise", "normalised_profiles", "MultiViewConsistencyLoss"]
 
 
 def axis_profiles(x: torch.Tensor) -> list[torch.Tensor]:
@@ -27,25 +27,43 @@ def axis_profiles(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def mix_normalise(x: torch.Tensor, gamma: float, eps: float = 1e-6) -> torch.Tensor:
-    """``gamma * x + (1 - gamma) * x / (||x||_2 + eps)`` with the L2 norm over channels.
+def mix_normalise(x: torch.Tensor, gamma: float = 0.7, eps: float = 1e-6) -> torch.Tensor:
+    """The reference's multi-view normalisation (``mutiaxis_norm``, GRN-style), per sample.
 
-    x: (B, C, L). The norm is taken at each profile position over the C channels
-    (shape (B, 1, L)), so every position keeps a gamma share of its raw value and
-    gets a (1 - gamma) share of its unit-length direction. Returns (B, C, L).
+    x: (B, C, L), L positions (the concatenated axis profiles) of C channels.
+    g = L2 norm of x over the L positions, per channel: (B, C, 1);
+    n = g / (mean of g over the C channels + eps): (B, C, 1);
+    out = gamma * x * n + (1 - gamma) * x: (B, C, L).
+    Channels with a larger profile norm than average are amplified, weaker ones damped.
     """
-    norm = torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True)
-    return gamma * x + (1.0 - gamma) * x / (norm + eps)
+    if x.ndim != 3:
+        raise ValueError(f"expected (B, C, L), got shape {tuple(x.shape)}")
+    g = torch.linalg.vector_norm(x, ord=2, dim=2, keepdim=True)
+    n = g / (g.mean(dim=1, keepdim=True) + eps)
+    return gamma * (x * n) + (1.0 - gamma) * x
+
+
+def normalised_profiles(x: torch.Tensor, gamma: float = 0.7, eps: float = 1e-6) -> list[torch.Tensor]:
+    """Axis profiles of x (B, C, *spatial), normalised together as the reference does.
+
+    The n profiles (see :func:`axis_profiles`) are concatenated along positions to
+    (B, C, sum(spatial)), normalised by :func:`mix_normalise` (so g is one norm per channel over
+    all axes' positions) and split back: n tensors (B, C, spatial[i]), float32.
+    """
+    profiles = axis_profiles(x)
+    joint = mix_normalise(torch.cat(profiles, dim=2), gamma, eps)
+    return list(joint.split([p.shape[2] for p in profiles], dim=2))
 
 
 class MultiViewConsistencyLoss(nn.Module):
     """Multi-view consistency: masked-pass features are pulled towards full-pass features.
 
     For each stage s, features (B, C_s, *spatial_s) of both passes are turned into
-    axis profiles (see :func:`axis_profiles`), each profile is normalised with
-    :func:`mix_normalise` and projected by a per-stage ``Conv1d(C_s, projection_dim,
-    kernel_size)`` applied to each axis profile separately (zero padding per profile,
-    so a kernel of 3 never mixes the end of one axis with the start of the next);
+    axis profiles normalised together (see :func:`normalised_profiles`: the reference's
+    normalisation over the concatenated profiles) and projected by a per-stage
+    ``Conv1d(C_s, projection_dim, kernel_size)`` applied to each axis profile separately
+    (zero padding per profile, so a kernel of 3 never mixes the end of one axis with the
+    start of the next, unlike the reference's unpadded conv over the concatenation);
     the projections are concatenated along length -> (B, projection_dim, sum(spatial_s)).
     Loss_s = MSE(masked projection, full projection); the total is the sum over stages.
 
@@ -77,7 +95,7 @@ class MultiViewConsistencyLoss(nn.Module):
     def _project(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         """(B, C_s, *spatial) -> (B, projection_dim, sum(spatial))."""
         proj = self.projections[stage]
-        views = [proj(mix_normalise(p, self.gamma, self.eps)) for p in axis_profiles(x)]
+        views = [proj(p) for p in normalised_profiles(x, self.gamma, self.eps)]
         return torch.cat(views, dim=2)
 
     def forward(self, full_features: Sequence[torch.Tensor], masked_features: Sequence[torch.Tensor]) -> torch.Tensor:

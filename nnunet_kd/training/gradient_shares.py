@@ -12,21 +12,23 @@ from torch import Tensor
 from torch import distributed as dist
 
 
-def gradient_norms(terms: Mapping[str, Tensor], outputs: Sequence[Tensor]) -> Dict[str, float]:
+def gradient_norms(terms: Mapping[str, Tensor], outputs: Sequence[Tensor], scale: float = 1.0) -> Dict[str, float]:
     """L2 norm of d(term)/d(outputs), all ``outputs`` taken together, for each named scalar term.
 
     ``terms``: name -> scalar loss tensor (already multiplied by its weight) whose graph reaches
     ``outputs``; ``outputs``: tensors of any shape (e.g. the deep-supervision logits, (B, C, *s) each).
     A term that does not depend on ``outputs`` (or a plain number) has norm 0. The graphs are retained.
+    ``scale``: each term is multiplied by it before differentiating and its norm divided by it after,
+    so half-precision backward passes do not underflow (pass the GradScaler's scale under AMP).
     """
     norms = {}
     for name, term in terms.items():
         if not torch.is_tensor(term) or not term.requires_grad:
             norms[name] = 0.0
             continue
-        grads = torch.autograd.grad(term, list(outputs), retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(term * scale, list(outputs), retain_graph=True, allow_unused=True)
         squared = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
-        norms[name] = squared ** 0.5
+        norms[name] = squared ** 0.5 / scale
     return norms
 
 
@@ -46,12 +48,13 @@ class GradientShareMeter:
         self._sums = torch.zeros(len(self.names), dtype=torch.float64)
         self._count = 0
 
-    def update(self, terms: Mapping[str, Tensor], outputs: Sequence[Tensor]) -> Dict[str, float]:
-        """Measure one step's norms (terms missing from ``terms`` count as 0) and add them."""
+    def update(self, terms: Mapping[str, Tensor], outputs: Sequence[Tensor], scale: float = 1.0) -> Dict[str, float]:
+        """Measure one step's norms (terms missing from ``terms`` count as 0; ``scale`` as in
+        :func:`gradient_norms`) and add them."""
         unknown = set(terms) - set(self.names)
         if unknown:
             raise KeyError(f"unknown loss terms {sorted(unknown)}; this meter tracks {self.names}")
-        norms = gradient_norms(terms, outputs)
+        norms = gradient_norms(terms, outputs, scale)
         self._sums += torch.tensor([norms.get(n, 0.0) for n in self.names], dtype=torch.float64)
         self._count += 1
         return norms

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nnunet_kd.trainers.nnUNetTrainerMGSD as mgsd_module
+from nnunet_kd.losses.ema import warmed_up_momentum
 from nnunet_kd.training.features import unwrap_network
 from nnunet_kd.trainers.nnUNetTrainerMGSD import (nnUNetTrainerMGSD, nnUNetTrainerMGSD_adv,
                                                   nnUNetTrainerMGSD_LightModalityKD, nnUNetTrainerModalityDropout)
@@ -43,10 +44,12 @@ def test_stacked_forward_equals_two_passes(trainer, synthetic_batch):
 
 def test_train_step_updates_ema_by_its_formula(trainer, synthetic_batch):
     net = unwrap_network(trainer.network)
+    trainer.train_step(synthetic_batch(trainer, seed=5))  # past step 0, where the warm-up copies (momentum 0)
     ema_before = {k: v.clone() for k, v in trainer.ema_network.state_dict().items()}
+    m = warmed_up_momentum(trainer.ema_step, trainer.ema_momentum)
+    assert 0 < m < trainer.ema_momentum
     out = trainer.train_step(synthetic_batch(trainer, seed=1))
     assert np.isfinite(out["loss"])
-    m = trainer.ema_momentum
     for name, p in net.named_parameters():
         expected = ema_before[name] * m + p.detach() * (1 - m)
         assert torch.allclose(trainer.ema_network.state_dict()[name], expected, atol=1e-7), name
@@ -58,7 +61,7 @@ def test_every_distillation_term_has_gradient(trainer, synthetic_batch):
     data = batch["data"]
     mask, stacked = trainer._two_pass_inputs(data)
     full_out, masked_out = trainer._split(trainer.network(stacked))
-    terms = trainer._distillation_terms(data, stacked, mask, full_out, masked_out)
+    terms = trainer._distillation_terms(data, stacked, mask, full_out, masked_out, trainer.tap.take())
     for name, value in terms.items():
         assert torch.isfinite(value) and value > 0, name
         trainer.network.zero_grad(set_to_none=True)
@@ -110,11 +113,14 @@ def test_variants_train(brats_dataset, cls, load_trainer, synthetic_batch):
 def test_train_and_resume_through_nnunetv2_train(mgsd_model, brats_dataset, bin_path, dataset_id, run_cmd):
     checkpoint = torch.load(mgsd_model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     state = checkpoint["mgsd_state"]
-    assert set(state) == {"ema_weights", "aux_weights", "aux_optimizer_state"}
+    assert set(state) == {"ema_weights", "aux_weights", "aux_optimizer_state", "ema_step", "distillation_log"}
+    assert state["ema_step"] == 2 and [e["epoch"] for e in state["distillation_log"]] == [0]
     assert checkpoint["network_weights"].keys() == state["ema_weights"].keys()
     env = dict(brats_dataset["env"], nnUNet_kd_num_epochs="2")
     run_cmd([bin_path("nnUNetv2_train"), str(dataset_id), "3d_fullres", "all", "-tr", "nnUNetTrainerMGSD", "-device",
          "cpu", "--c"], env)
     resumed = torch.load(mgsd_model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert resumed["current_epoch"] == 2
+    assert resumed["mgsd_state"]["ema_step"] == 4  # the warm-up goes on from where it stopped
+    assert [e["epoch"] for e in resumed["mgsd_state"]["distillation_log"]] == [0, 1]
     assert any(not torch.equal(resumed["mgsd_state"]["ema_weights"][k], v) for k, v in state["ema_weights"].items())

@@ -40,3 +40,10 @@ def test_meter_averages_steps_and_shares_sum_to_one():
     assert meter.summary()["share"] == {"sup": 0.0, "kd": 0.0}
     with pytest.raises(KeyError, match="unknown loss terms"):
         meter.update({"other": x.sum()}, [x])
+
+
+def test_scale_avoids_half_precision_underflow_and_is_divided_out():
+    x = torch.ones(4, dtype=torch.float16, requires_grad=True)  # half-precision activations, as under AMP
+    tiny = (1e-8 * x.float()).sum()  # float32 loss; d/dx = 1e-8 is below float16's smallest subnormal (6e-8)
+    assert gradient_norms({"t": tiny}, [x])["t"] == 0.0
+    assert gradient_norms({"t": tiny}, [x], scale=2.0 ** 16)["t"] == pytest.approx(2e-8, rel=1e-2)
