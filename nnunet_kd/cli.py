@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Type
+from typing import Callable, NoReturn, Optional, Sequence, Tuple, Type
 
 from nnunet_kd.nifti import NiftiError
 
@@ -15,7 +15,7 @@ from nnunet_kd.nifti import NiftiError
 BAD_INPUT_ERRORS: Tuple[Type[BaseException], ...] = (NiftiError, FileNotFoundError, NotADirectoryError)
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     """Print ``error: message`` to stderr and exit with status 1."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)

@@ -12,7 +12,6 @@ norm of the term's gradient at all deep-supervision logits / sum of the terms' n
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
