@@ -52,7 +52,7 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
     cdsfl_reduction: int = 16
     #: Teacher loss = sum of teacher seg losses + cdsfl_loss_weight * CDSFL seg loss.
     cdsfl_loss_weight: float = 0.08
-    #: Response KD (docs/kd_defaults_notes.md): KL(teacher || student) at temperature ``kd_temperature``, times
+    #: Response KD (docs/methods.md, "KD defaults"): KL(teacher || student) at temperature ``kd_temperature``, times
     #: T ** ``kd_temperature_power``, reduced over voxels by ``kd_reduction`` ("mean": per-voxel mean like
     #: nnU-Net's Dice + CE; "batchmean": the reference's sum over the patch), the teachers' weights summing to
     #: ``kd_total_weight``. The default gives response KD about a third of the student's gradient at its

@@ -12,7 +12,7 @@ from nnunet_kd.trainers.nnUNetTrainerMTCMKD import (nnUNetTrainerMTCMKD, nnUNetT
                                                     nnUNetTrainerMTCMKD_VoxelMeanT1)
 
 #: Band of the response-KD share of the student's gradient at its logits that the default is chosen for
-#: (docs/kd_defaults_notes.md), at the issue's logit gap of 3.
+#: (docs/methods.md, "KD defaults"), at the issue's logit gap of 3.
 DEFAULT_RESPONSE_KD_SHARE = (0.25, 0.45)
 
 
