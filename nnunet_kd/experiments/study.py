@@ -208,7 +208,8 @@ def _parser() -> argparse.ArgumentParser:
                    "same settings finished (prepared data, scored models, combination tables); a killed "
                    "training continues from its last epoch")
     p.add_argument("--collect", nargs="+", metavar="WORKDIR", help="do not train: report on the split folders "
-                   "(seedN, foldN) that earlier runs left in these work dirs, in --workdir")
+                   "(seedN, foldN) that earlier runs left in these work dirs, in --workdir (with --seeds: only those "
+                   "seeds or folds)")
     return p
 
 
@@ -237,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         num_processes=args.num_processes, parallel=args.parallel, ablations=args.ablations,
         only=None if args.only is None else tuple(args.only))
     if args.collect:
-        collect_report(args.collect, args.workdir, settings, args.markdown)
+        collect_report(args.collect, args.workdir, settings, args.markdown, args.seeds)
         return 0
     if args.real_brats:
         n_folds = len(real_case_folds(Path(args.real_brats), args.folds))

@@ -179,11 +179,13 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
 
 
 def collect_report(workdirs: Sequence[str], workdir: str, settings: StudySettings,
-                   markdown: Optional[str] = None) -> dict:
+                   markdown: Optional[str] = None, splits: Optional[Sequence[int]] = None) -> dict:
     """Report in ``workdir`` over the split folders (``seedN``, ``foldN``) that runs left in ``workdirs``
-    (several machines, or an unfinished run)."""
+    (several machines, or an unfinished run); ``splits``: only these split numbers."""
+    names = None if splits is None else {settings.split_folder(s) for s in splits}
     split_dirs: List[Path] = sorted(d for w in workdirs for pattern in ("seed*", "fold*")
-                                    for d in Path(w).resolve().glob(pattern) if d.is_dir())
+                                    for d in Path(w).resolve().glob(pattern)
+                                    if d.is_dir() and (names is None or d.name in names))
     if not split_dirs:
         raise StudyError(f"no seedN or foldN folders in {' '.join(workdirs)}")
     per_split: Dict[str, dict] = {d.name: collect_split(d, settings.models()) for d in split_dirs}

@@ -53,3 +53,14 @@ def test_report_pools_splits_and_pairs_cases(tmp_path):
     assert f"{MTCMKD} (1 of 2)" in md
     for png in ("study_dice.png", "study_paired.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_some_splits_only(tmp_path):
+    work = tmp_path / "study"
+    for fold, dice in (("fold0", 0.5), ("fold1", 0.7)):
+        _write_scores(scores_file(work / fold, MODELS[BASELINE]), {f"case_{fold}": (dice, 3.0)})
+    _write_scores(scores_file(work / "fold0", MODELS[MTCMKD]), {"case_fold0": (0.6, 2.0)})
+    settings = StudySettings(real_brats="cases", folds=2)
+    summary = collect_report([str(work)], str(tmp_path / "r"), settings, splits=[0])["summary"]
+    assert summary["models"][BASELINE]["n"] == 1 and summary["models"][MTCMKD]["n"] == 1
+    assert summary["paired"][MTCMKD]["WT"]["dice"]["mean"] == pytest.approx(0.1)
