@@ -115,7 +115,7 @@ def run_demo(workdir: str, num_cases: int = 6, num_held_out: int = 2, shape: Seq
     print(f"[nnunet_kd_demo] report: {work / 'demo_report.json'}; box plots: {work}/scores_*_WT.png")
     print("\n[nnunet_kd_demo] to continue with the README's commands on the demo's data (datasets "
           f"{TRAIN_ID} training, {HELD_OUT_ID} held out, {HELD_OUT_T1CE_ID} held out T1ce only):")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         print(f"export {var}={shlex.quote(env[var])}")
     return report
 
