@@ -168,8 +168,8 @@ def predict_with_missing_modalities(
     files present (logged through ``log``). Missing channels are zero-filled after normalisation.
     ``folds=None`` uses every fold that has the checkpoint. ``predictor``: an already loaded
     :func:`nnunet_kd.inference.models.load_predictor` (then ``model_folder``, folds, checkpoint, device,
-    step size and mirroring are taken from it). ``overwrite=False`` skips cases whose segmentation exists and was predicted from the same
-    modalities and files (per the record); the others are predicted again.
+    step size and mirroring are taken from it). ``overwrite=False`` skips cases whose segmentation exists
+    and was predicted from the same modalities and files (per the record); the others are predicted again.
     Raises :class:`PredictionError` on bad input.
     """
     dataset_json, folds = model_dataset_json(model_folder, folds, checkpoint_name, predictor)
