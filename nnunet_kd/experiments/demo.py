@@ -134,8 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``nnunet_kd_demo``: parse the options and run the demo."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="nnunet_kd_demo_output", help="folder for all demo files "
-                        "(default ./nnunet_kd_demo_output; a folder an earlier demo made is replaced, any other non-empty "
-                        "folder is refused)")
+                        "(default ./nnunet_kd_demo_output; a folder an earlier demo made is replaced, "
+                        "any other non-empty folder is refused)")
     parser.add_argument("--cases", type=int, default=6, help="synthetic training cases (default 6)")
     parser.add_argument("--held-out", type=int, default=2, help="synthetic held-out cases (default 2)")
     parser.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48), help="volume shape (default 48 48 48)")
