@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import List
 
 import numpy as np
 
+from nnunet_kd.atomic import make_temp_dir
 from nnunet_kd.brats import nnunet_to_release
 from nnunet_kd.conversion.cases import label_image, read_case_image, write_image
 from nnunet_kd.conversion.releases import (RELEASES, ConversionError, check_input_dir, is_hidden, nifti_stem,
@@ -30,7 +30,7 @@ def convert_to_brats(pred_dir: str, out_dir: str, year: str) -> List[str]:
     if out_dir == pred_dir:
         raise ConversionError("the output folder must differ from the prediction folder")
     os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".to_brats.partial-", dir=out_dir)
+    tmp = make_temp_dir(out_dir, ".to_brats.partial-")
     written = []
     try:
         for n in names:

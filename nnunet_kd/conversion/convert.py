@@ -7,6 +7,9 @@ regions whole tumour / tumour core / enhancing tumour. Images keep their voxels 
 Every case is validated (all files present, readable to the last voxel, same grid, allowed labels)
 in worker processes while the dataset is built in a temporary folder next to the target; only when
 all cases succeeded is that folder renamed into place, so a failure never leaves anything behind.
+The workers stop by themselves when the converting process dies (even by SIGKILL), and the temporary
+folder a killed run left (``.DatasetXXX_NAME.partial-PID@HOST-...``) is removed by the next run of the
+same dataset id on the same host once process PID is gone.
 """
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from nnunet_kd.atomic import make_temp_dir
 from nnunet_kd.brats import MODALITIES, REGIONS, RELEASE_TO_NNUNET
 from nnunet_kd.conversion.cases import CaseResult, run_case
 from nnunet_kd.conversion.discovery import CaseTask, discover, resolve_modalities
@@ -43,6 +48,49 @@ def _log(message: str, progress: bool) -> None:
         print(message, file=sys.stderr)
 
 
+def _exit_with_parent(parent_pid: int, interval: float = 0.2) -> None:
+    """Worker initializer: a daemon thread ends this worker once ``parent_pid`` is no longer its parent.
+
+    A SIGKILLed parent runs no cleanup and its pool's workers would otherwise go on writing, then wait
+    forever for more work; polling getppid (the orphan is re-parented) works on every POSIX system.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _partial_prefix(dataset_id: int) -> str:
+    return f".Dataset{dataset_id:03d}_"
+
+
+def _partial_owner_tag() -> str:
+    return f"{os.getpid()}@{os.uname().nodename}"
+
+
+def _remove_dead_partials(out_root: str, dataset_id: int) -> None:
+    """Remove the partial folders of ``dataset_id`` that runs on this host left when they were killed."""
+    pattern = re.compile(re.escape(_partial_prefix(dataset_id)) + r".*\.partial-(\d+)@(.+)-[0-9a-f]{12}")
+    for name in sorted(os.listdir(out_root)):
+        match = pattern.fullmatch(name)
+        if not match or match.group(2) != os.uname().nodename or _pid_alive(int(match.group(1))):
+            continue
+        print(f"Removing {os.path.join(out_root, name)}, left by an interrupted conversion", file=sys.stderr)
+        shutil.rmtree(os.path.join(out_root, name), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _run_all(tasks: List[CaseTask], num_processes: int, skip_incomplete: bool, progress: bool) -> List[CaseResult]:
     """Run every case; on the first failure (without skip_incomplete) cancel the rest and raise."""
     results: List[CaseResult] = []
@@ -50,7 +98,8 @@ def _run_all(tasks: List[CaseTask], num_processes: int, skip_incomplete: bool, p
         for task in _progress(tasks, len(tasks), progress, "converting"):
             results.append(run_case(task, skip_incomplete))
         return results
-    with ProcessPoolExecutor(max_workers=min(num_processes, len(tasks))) as pool:
+    with ProcessPoolExecutor(max_workers=min(num_processes, len(tasks)), initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(run_case, t, skip_incomplete) for t in tasks]
         bar = _progress(None, len(tasks), progress, "converting") if progress else None
         pending = set(futures)
@@ -98,7 +147,7 @@ def _replace_datasets(built: str, target: str, existing: List[str], out_root: st
     trash = []
     try:
         for old in existing:
-            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(old)}.old-", dir=out_root)
+            aside = make_temp_dir(out_root, f".{os.path.basename(old)}.old-")
             os.replace(old, os.path.join(aside, "d"))
             trash.append((old, aside))
         os.replace(built, target)
@@ -179,7 +228,8 @@ def convert_brats(
     tasks = _find_tasks(release, root, input_dir, chosen)
 
     # Build next to the target (same filesystem, so the final rename is atomic).
-    tmp = tempfile.mkdtemp(prefix=f".Dataset{dataset_id:03d}_{name}.partial-", dir=out_root)
+    _remove_dead_partials(out_root, dataset_id)
+    tmp = make_temp_dir(out_root, f"{_partial_prefix(dataset_id)}{name}.partial-{_partial_owner_tag()}-")
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             os.makedirs(os.path.join(tmp, sub))

@@ -167,17 +167,17 @@ def output_stem(output_json: str) -> str:
     return stem if ext.lower() == ".json" else output_json
 
 
-def write_results(results: Mapping, output_json: str, plots: bool = True) -> List[str]:
+def write_results(results: Mapping, output_json: str, plots: bool = True, model: str = "") -> List[str]:
     """Write ``{"mean", "cases"}`` to ``output_json`` (atomically), plus CSV and box plots beside it.
 
-    Returns the paths written.
+    ``model`` titles the box plots. Returns the paths written.
     """
     atomic_write_json(results, output_json)
     stem = output_stem(output_json)
     cases = results["cases"]
     written = [output_json, write_region_table(stem + ".csv", "case", ((c, cases[c]) for c in sorted(cases)))]
     if plots:
-        written.extend(plot_region_boxplots(cases, stem))
+        written.extend(plot_region_boxplots(cases, stem, model))
     return written
 
 
@@ -189,19 +189,21 @@ def evaluate_folders(
     num_processes: Optional[int] = None,
     plots: bool = True,
     progress: bool = True,
+    model: Optional[str] = None,
 ) -> Dict[str, Dict]:
     """Score every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
 
     Returns ``{"mean": {region: {"dice", "hd95"}}, "cases": {case: {region: {"dice", "hd95"}}}}``.
     If ``output_json`` is given, writes it atomically plus ``<stem>.csv`` and, if ``plots``,
-    ``<stem>_WT.png``, ``<stem>_TC.png``, ``<stem>_ET.png``.
+    ``<stem>_WT.png``, ``<stem>_TC.png``, ``<stem>_ET.png``, titled ``model`` (default: ``pred_dir``'s name).
     """
     label_mapping(labels)
     pairs = match_cases(ref_dir, pred_dir)
     cases = evaluate_pairs(pairs, labels=labels, num_processes=num_processes, progress=progress)
     results = {"mean": mean_metrics(cases), "cases": cases}
     if output_json is not None:
-        write_results(results, output_json, plots=plots)
+        write_results(results, output_json, plots=plots,
+                      model=model or os.path.basename(os.path.normpath(os.path.abspath(pred_dir))))
     return results
 
 

@@ -20,8 +20,12 @@ def _new_figure(figsize):
     return fig
 
 
-def plot_region_boxplots(cases: Mapping[str, CaseMetrics], out_prefix: str) -> List[str]:
-    """One PNG per region (``{out_prefix}_WT.png`` ...), Dice and HD95 box plots side by side."""
+def plot_region_boxplots(cases: Mapping[str, CaseMetrics], out_prefix: str, model: str = "") -> List[str]:
+    """One PNG per region (``{out_prefix}_WT.png`` ...), Dice and HD95 box plots side by side.
+
+    ``model`` (e.g. the predictions folder or the trainer) is the figure's title, so that plots of several
+    models cannot be mixed up.
+    """
     folder = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(folder, exist_ok=True)
     paths = []
@@ -43,6 +47,8 @@ def plot_region_boxplots(cases: Mapping[str, CaseMetrics], out_prefix: str) -> L
             ax.set_ylabel(ylabel)
             ax.grid(axis="y", alpha=0.3)
         ax_dice.set_ylim(-0.02, 1.02)
+        if model:
+            fig.suptitle(f"{model}: {region}")
         fig.tight_layout()
         path = f"{out_prefix}_{region}.png"
         fig.savefig(path, dpi=100)

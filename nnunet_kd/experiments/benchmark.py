@@ -52,6 +52,7 @@ import tempfile
 import traceback
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from nnunet_kd.atomic import make_temp_dir
 from nnunet_kd.cli import command
 from nnunet_kd.experiments.benchmark_measure import (bench_inference, bench_trainer, find_trainer_class,
                                                      free_device_memory, log, make_frozen_teachers)
@@ -149,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Tuple[Dict[str, Any], bool]:
     """Prepare data, run all measurements; returns (result, all_ok)."""
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="nnunet_kd_benchmark_")
+    work_dir = args.work_dir or make_temp_dir(tempfile.gettempdir(), "nnunet_kd_benchmark_")
     os.makedirs(work_dir, exist_ok=True)
     work_dir = os.path.abspath(work_dir)
     log(f"work dir {work_dir}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -20,6 +21,30 @@ from nnunet_kd.experiments.runner import (CommandFailed, budget_variables, comma
 from nnunet_kd.paths import find_dataset_folder
 
 TRAIN_ID, HELD_OUT_ID, HELD_OUT_T1CE_ID = 990, 991, 992
+#: Written into the work folder first thing: only a folder holding it is ever deleted by a later demo.
+MARKER = ".nnunet_kd_demo"
+
+
+class DemoError(Exception):
+    """Bad input to the demo (e.g. a --workdir the demo did not make)."""
+
+
+def prepare_workdir(work: Path) -> None:
+    """Create ``work`` (marked as the demo's) or empty it if an earlier demo made it; DemoError otherwise.
+
+    An existing empty folder is taken over; a folder with anything in it but no marker is never touched.
+    """
+    if work.exists() or work.is_symlink():
+        if not work.is_dir() or work.is_symlink():
+            raise DemoError(f"--workdir {work} exists and is not a folder")
+        if (work / MARKER).is_file():
+            shutil.rmtree(work)
+        elif any(work.iterdir()):
+            raise DemoError(f"--workdir {work} exists and was not made by nnunet_kd_demo (no {MARKER} file "
+                            "in it); it is left as it is: choose a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by nnunet_kd_demo; the next demo run with this --workdir deletes "
+                               "this folder\n")
 
 
 def _step(name: str, cmd: List[str], env: Dict[str, str], log_dir: Path) -> None:
@@ -34,10 +59,9 @@ def run_demo(workdir: str, num_cases: int = 6, num_held_out: int = 2, shape: Seq
     from nnunet_kd.experiments.synthetic import generate_dataset
 
     work = Path(workdir).resolve()
-    if work.exists():
-        shutil.rmtree(work)
+    prepare_workdir(work)
     logs = work / "logs"
-    logs.mkdir(parents=True)
+    logs.mkdir()
     device = device or default_device()
     env = nnunet_environment(work, folder_prefix="nnUNet_",
                              **budget_variables(epochs, iterations, 2, device, cpu_processes=2))
@@ -59,9 +83,10 @@ def run_demo(workdir: str, num_cases: int = 6, num_held_out: int = 2, shape: Seq
     model = ["-d", str(TRAIN_ID), "-c", "3d_fullres", "-f", fold, "-device", device]
     scores = {}
 
-    def score(folder: str) -> Dict[str, Dict[str, float]]:
+    def score(folder: str, model_name: str) -> Dict[str, Dict[str, float]]:
         return evaluate_folders(str(held_out / "labelsTr"), str(predictions / folder),
-                                str(work / f"scores_{folder}.json"), num_processes=1, progress=False)["mean"]
+                                str(work / f"scores_{folder}.json"), num_processes=1, progress=False,
+                                model=model_name)["mean"]
 
     def train(trainer: str) -> List[str]:
         return [command_path("nnUNetv2_train"), str(TRAIN_ID), "3d_fullres", fold, "-tr", trainer, "-device", device]
@@ -70,7 +95,8 @@ def run_demo(workdir: str, num_cases: int = 6, num_held_out: int = 2, shape: Seq
     _step("predict_mtcmkd_t1ce_only", [command_path("nnUNetv2_predict"), "-i", str(held_out_t1ce / "imagesTr"),
                                        "-o", str(predictions / "mtcmkd_T1ce"), "-tr", "nnUNetTrainerMTCMKD"] + model,
           env, logs)
-    scores["MTCM-KD student, T1ce only"] = score("mtcmkd_T1ce")
+    name = "MTCM-KD student, T1ce only"
+    scores[name] = score("mtcmkd_T1ce", name)
 
     _step("train_mgsd", train("nnUNetTrainerMGSD"), env, logs)
     link_channels(held_out / "imagesTr", [1, 3], work / "inputs_T1ce_FLAIR")
@@ -78,25 +104,38 @@ def run_demo(workdir: str, num_cases: int = 6, num_held_out: int = 2, shape: Seq
         "nnunet_kd.inference.predict", "-i", str(work / "inputs_T1ce_FLAIR"), "-o",
         str(predictions / "mgsd_T1ce_FLAIR"), "-tr", "nnUNetTrainerMGSD", *model, "--available", "T1ce", "FLAIR"),
           env, logs)
-    scores["MGSD, T1ce + FLAIR (T1, T2 missing)"] = score("mgsd_T1ce_FLAIR")
+    name = "MGSD, T1ce + FLAIR (T1, T2 missing)"
+    scores[name] = score("mgsd_T1ce_FLAIR", name)
 
     report = {"device": device, "epochs": epochs, "iterations_per_epoch": iterations, "scores": scores}
     (work / "demo_report.json").write_text(json.dumps(report, indent=2))
     print("\n[nnunet_kd_demo] held-out scores (a tiny training budget: the numbers show the pipeline runs, "
           "not how well the methods work)")
-    print(f"{'model and inputs':45s} {'WT Dice':>8s} {'TC Dice':>8s} {'ET Dice':>8s}")
-    for name, mean in scores.items():
-        print(f"{name:45s} " + " ".join(f"{mean[r]['dice']:8.3f}" for r in ("WT", "TC", "ET")))
+    print(score_table(scores))
     print(f"[nnunet_kd_demo] report: {work / 'demo_report.json'}; box plots: {work}/scores_*_WT.png")
+    print("\n[nnunet_kd_demo] to continue with the README's commands on the demo's data (datasets "
+          f"{TRAIN_ID} training, {HELD_OUT_ID} held out, {HELD_OUT_T1CE_ID} held out T1ce only):")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        print(f"export {var}={shlex.quote(env[var])}")
     return report
 
 
-@command(CommandFailed)
+def score_table(scores: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """The console table: one row per model, Dice and HD95 (mm) for WT, TC, ET."""
+    regions = ("WT", "TC", "ET")
+    header = f"{'model and inputs':40s} " + " ".join(f"{r + ' Dice':>8s} {r + ' HD95':>8s}" for r in regions)
+    rows = [f"{name:40s} " + " ".join(f"{mean[r]['dice']:8.3f} {mean[r]['hd95']:8.2f}" for r in regions)
+            for name, mean in scores.items()]
+    return "\n".join([header, *rows])
+
+
+@command(CommandFailed, DemoError)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``nnunet_kd_demo``: parse the options and run the demo."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="nnunet_kd_demo_output", help="folder for all demo files "
-                        "(default ./nnunet_kd_demo_output; replaced if it exists)")
+                        "(default ./nnunet_kd_demo_output; a folder an earlier demo made is replaced, "
+                        "any other non-empty folder is refused)")
     parser.add_argument("--cases", type=int, default=6, help="synthetic training cases (default 6)")
     parser.add_argument("--held-out", type=int, default=2, help="synthetic held-out cases (default 2)")
     parser.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48), help="volume shape (default 48 48 48)")

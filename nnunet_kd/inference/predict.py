@@ -23,7 +23,7 @@ import argparse
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import channel_names_of, display_name, modalities_text, modality_label
@@ -37,6 +37,60 @@ from nnunet_kd.inference.preprocessing import preprocess_case_with_missing
 from nnunet_kd.paths import ensure_trainer_lookup
 
 Job = Tuple[str, FilesByChannel, str]  # (case, files by channel, output file without ending)
+#: Written into the output folder: which modalities (and files) each segmentation was predicted from.
+RECORD_NAME = "missing_modalities_input.json"
+
+
+def case_record(channel_names: Mapping[int, str], files: FilesByChannel) -> dict:
+    """What the record says about one case: the modalities used, those zero-filled, and their files."""
+    return {"available": modality_label(channel_names, files),
+            "missing_zero_filled": [display_name(channel_names[c]) for c in channel_names if c not in files],
+            "files": {display_name(channel_names[c]): f for c, f in sorted(files.items())}}
+
+
+def _jobs_to_continue(jobs: List[Job], records: Mapping[str, dict], record_file: str, file_ending: str,
+                      log: Optional[Callable[[str], None]]) -> List[Job]:
+    """For ``--continue_prediction``: the jobs without a segmentation predicted from the same inputs.
+
+    A segmentation whose recorded modalities or files differ from this run's (or that has no record) is
+    deleted before the new record is written, so the record never describes a segmentation it did not make.
+    """
+    previous = {}
+    if os.path.isfile(record_file):
+        try:
+            with open(record_file, encoding="utf-8") as f:
+                previous = json.load(f).get("cases", {})
+        except (OSError, ValueError, AttributeError):
+            previous = {}
+    redo = [case for case, _, ofile in jobs
+            if os.path.isfile(ofile + file_ending) and previous.get(case) != json.loads(json.dumps(records[case]))]
+    for case, _, ofile in jobs:
+        if case in redo:
+            for ending in (file_ending, ".npz", ".pkl"):
+                if os.path.isfile(ofile + ending):
+                    os.remove(ofile + ending)
+    if redo and log is not None:
+        log(f"--continue_prediction: predicting {len(redo)} case(s) again because their modalities or files "
+            f"differ from the recorded ones: {', '.join(redo)}")
+    return [j for j in jobs if not os.path.isfile(j[2] + file_ending)]
+
+
+def check_separate_folders(input_folder: str, output_folder: str) -> None:
+    """PredictionError if the input folder (-i) and the output folder (-o) are the same or nested.
+
+    Otherwise a rerun would read its own segmentations as input channels (``CASE_0002.nii.gz`` is a
+    segmentation of case ``CASE_0002`` but also channel 2 of a phantom case ``CASE``).
+    """
+    i, o = os.path.realpath(input_folder), os.path.realpath(output_folder)
+    if i == o:
+        raise PredictionError(f"the input folder (-i {input_folder}) and the output folder (-o {output_folder}) "
+                              "are the same; write the segmentations to a separate folder")
+    nested = {i: "-i inside -o", o: "-o inside -i"}
+    inner = next((p for p, outer in ((i, o), (o, i)) if os.path.commonpath([p, outer]) == outer), None)
+    if inner is not None:
+        which = nested[inner]
+        raise PredictionError(f"the input folder (-i {input_folder}) and the output folder (-o {output_folder}) "
+                              f"are nested ({which}); use folders that do not contain each other")
 
 
 # --------------------------------------------------------------------------------------
@@ -114,7 +168,8 @@ def predict_with_missing_modalities(
     files present (logged through ``log``). Missing channels are zero-filled after normalisation.
     ``folds=None`` uses every fold that has the checkpoint. ``predictor``: an already loaded
     :func:`nnunet_kd.inference.models.load_predictor` (then ``model_folder``, folds, checkpoint, device,
-    step size and mirroring are taken from it). ``overwrite=False`` skips cases whose segmentation exists.
+    step size and mirroring are taken from it). ``overwrite=False`` skips cases whose segmentation exists
+    and was predicted from the same modalities and files (per the record); the others are predicted again.
     Raises :class:`PredictionError` on bad input.
     """
     dataset_json, folds = model_dataset_json(model_folder, folds, checkpoint_name, predictor)
@@ -122,15 +177,19 @@ def predict_with_missing_modalities(
     channel_names = channel_names_of(dataset_json)
     file_ending = dataset_json["file_ending"]
     available_channels = resolve_available(available, channel_names)
+    if isinstance(input_folder_or_cases, (str, os.PathLike)):
+        check_separate_folders(os.fspath(input_folder_or_cases), output_folder)
     cases = normalize_cases(input_folder_or_cases, channel_names, file_ending)
     selected = select_available_files(cases, available_channels, channel_names, file_ending, log)
     if predictor is None:
         predictor = load_predictor(model_folder, folds, checkpoint_name, device, tile_step_size, use_mirroring,
                                    verbose)
     os.makedirs(output_folder, exist_ok=True)
+    record_file = os.path.join(output_folder, RECORD_NAME)
+    records = {case: case_record(channel_names, files) for case, files in selected.items()}
     jobs: List[Job] = [(case, files, os.path.join(output_folder, case)) for case, files in selected.items()]
     if not overwrite:
-        jobs = [j for j in jobs if not os.path.isfile(j[2] + file_ending)]
+        jobs = _jobs_to_continue(jobs, records, record_file, file_ending, log)
     # like nnUNetv2_predict: what is needed to post-process / ensemble the predictions
     from batchgenerators.utilities.file_and_folder_operations import save_json
 
@@ -139,12 +198,8 @@ def predict_with_missing_modalities(
     atomic_write_json({
         "model_folder": model_folder,
         "available": None if available_channels is None else modality_label(channel_names, available_channels),
-        "cases": {case: {"available": modality_label(channel_names, files),
-                         "missing_zero_filled": [display_name(channel_names[c]) for c in channel_names
-                                                 if c not in files],
-                         "files": {display_name(channel_names[c]): f for c, f in sorted(files.items())}}
-                  for case, files in selected.items()},
-    }, os.path.join(output_folder, "missing_modalities_input.json"))
+        "cases": records,
+    }, record_file)
     run_jobs(predictor, jobs, save_probabilities, num_processes, num_processes_preprocessing, quiet=not verbose)
     return [os.path.join(output_folder, case + file_ending) for case in selected]
 
@@ -214,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "such as t1c or t2f work); default: inferred per case from the files present")
     add_model_arguments(p)
     p.add_argument("--save_probabilities", action="store_true", help="also write class probabilities (.npz)")
-    p.add_argument("--continue_prediction", action="store_true", help="skip cases that already have a segmentation")
+    p.add_argument("--continue_prediction", action="store_true",
+                   help="skip cases that already have a segmentation predicted from the same modalities and files "
+                        f"(recorded in {RECORD_NAME}); the others are predicted again")
     return p
 
 
@@ -222,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     ensure_trainer_lookup()
+    check_separate_folders(args.i, args.o)
     if args.npp < 1 or args.nps < 1:
         raise PredictionError("-npp and -nps must be at least 1")
     model_folder, folds = model_from_args(args)

@@ -20,7 +20,10 @@ def test_demo_runs_mtcmkd_and_mgsd(tmp_path, bin_path, nnunet_env, run_cmd):
     assert len(list((work / "predictions" / "mgsd_T1ce_FLAIR").glob("*.nii.gz"))) == 1
     # The T1ce-only prediction came from one-channel inputs through stock nnUNetv2_predict.
     assert all(p.name.endswith("_0000.nii.gz") for p in (work / "nnUNet_raw").glob("Dataset992_*/imagesTr/*"))
-    assert "held-out scores" in proc.stdout
+    assert "held-out scores" in proc.stdout and "WT HD95" in proc.stdout
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        assert f"export {var}={work / var}" in proc.stdout
+    assert (work / ".nnunet_kd_demo").is_file()
 
 
 def test_study_on_synthetic_data_resume_and_collect(tmp_path, bin_path, nnunet_env, run_cmd):
