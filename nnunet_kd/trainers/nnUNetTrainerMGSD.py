@@ -111,12 +111,6 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.tap = None
         self._term_sums: Dict[str, float] = {}
 
-    def _do_i_compile(self):
-        # torch.compile of the network would trace FeatureTap's forward hooks into the graph, where they no
-        # longer hand out the features; compiling stage by stage recompiles per stage (measured on an H100:
-        # slower than eager). MGSD therefore runs eagerly whatever nnUNet_compile says.
-        return False
-
     def initialize(self):
         if not self.enable_deep_supervision:
             raise RuntimeError(f"{self.__class__.__name__} needs deep supervision outputs")
@@ -124,13 +118,15 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         unet = unwrap_network(self.network)
         num_levels = len(unet.decoder.stages)
         self.feature_kd_levels = tuple(lvl for lvl in self.feature_kd_levels if lvl < num_levels)
-        self.tap = FeatureTap(unet, self.feature_kd_levels, bottleneck=True)
         # After DDP wrapping all ranks hold rank 0's weights, so their EMA copies start (and stay) identical.
         self.ema_network = copy.deepcopy(unet).eval()
         for p in self.ema_network.parameters():
             p.requires_grad_(False)
-        if super()._do_i_compile():
-            self.print_to_log_file("nnUNet_compile is on, but MGSD runs eagerly: its feature hooks need eager stages")
+        # nnU-Net compiled self.network if _do_i_compile(); Dynamo traces the tap's hooks, which must exist
+        # before the first forward pass. The EMA copy compiles in place (same state_dict keys).
+        self.tap = FeatureTap(unet, self.feature_kd_levels, bottleneck=True)
+        if self._do_i_compile():
+            self.ema_network.compile()
         conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2
         self.multiview = MultiViewConsistencyLoss([decoder_channels(unet, lvl) for lvl in self.feature_kd_levels],
                                                   self.multiview_projection_dim, self.multiview_gamma).to(self.device)
