@@ -30,8 +30,12 @@ Notes:
 * ``nnUNet_results`` always points into the temporary work folder (trainer logs land there), so a
   real results folder is never touched; ``--toy`` / ``--real-brats`` also put nnUNet_raw and
   nnUNet_preprocessed there. ``--work-dir`` keeps everything in a folder of your choice.
-* torch.compile is off unless ``--compile`` or ``nnUNet_compile`` in the environment says otherwise
-  (stock nnU-Net compiles by default on CUDA); the JSON records the setting.
+* Two settings: every trainer eagerly (``nnUNet_compile=0``; ``trainers``/``ratios``, eager against
+  eager), and every trainer at nnU-Net's defaults (``nnUNet_compile`` unset: compiled exactly where
+  ``nnUNetTrainer._do_i_compile`` compiles, i.e. on CUDA; the KD trainers compile all their U-Nets
+  then). The ratios at the defaults (``defaults``) are the slowdown a user sees against stock
+  nnU-Net, and the targets are checked on them. Where nnU-Net does not compile (CPU) the defaults
+  are the eager run and are not measured twice. ``--eager-only`` skips the second setting.
 * The frozen-teacher trainer gets three unimodal teacher model folders (T1, T2, FLAIR) written on the
   fly with the stock architecture of these plans and initial weights (``--frozen-teachers
   multimodal``: one four-channel teacher; ``--teacher-models``: real trained models).
@@ -136,9 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                         "default) or one 4-channel stock model")
     p.add_argument("--teacher-models", nargs="+", metavar="PATH",
                    help="use these trained teacher models for the frozen-teacher trainer instead")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks (nnUNet_compile=1); default: nnUNet_compile from the "
-                        "environment, else 0")
+    p.add_argument("--eager-only", action="store_true",
+                   help="measure only eagerly (nnUNet_compile=0), not also at nnU-Net's defaults (compiled on CUDA)")
     p.add_argument("--dataset-id-for-conversion", type=int, default=None,
                    help=f"dataset id used by --toy / --real-brats (default {TOY_DATASET_ID} / {REAL_BRATS_DATASET_ID})")
     p.add_argument("--num-processes", type=int, default=4, help="processes for --real-brats preprocessing (default 4)")
@@ -161,10 +164,6 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> Tuple[Dict[s
         os.environ[var] = env[var]
         os.makedirs(env[var], exist_ok=True)
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]
-    if args.compile:
-        os.environ["nnUNet_compile"] = "1"
-    else:
-        os.environ.setdefault("nnUNet_compile", "0")
 
     try:
         if args.toy:
@@ -231,7 +230,7 @@ def _measure(args, argv, work_dir: str, dataset_id: str) -> Tuple[Dict[str, Any]
     meta = {
         "command_line": shlex.join(["python", "-m", "nnunet_kd.experiments.benchmark"] + list(argv)),
         "sys_argv": list(sys.argv), "cwd": os.getcwd(),
-        "environment": {k: os.environ.get(k) for k in ("nnUNet_n_proc_DA", "nnUNet_compile", "OMP_NUM_THREADS",
+        "environment": {k: os.environ.get(k) for k in ("nnUNet_n_proc_DA", "OMP_NUM_THREADS",
                                                         "CUDA_VISIBLE_DEVICES", "nnUNet_preprocessed")},
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device.type, "device_name": device_name, "device_memory_gib": device_memory_gib,
@@ -242,7 +241,8 @@ def _measure(args, argv, work_dir: str, dataset_id: str) -> Tuple[Dict[str, Any]
         "fold": fold, "patch_size": list(cm.patch_size), "batch_size": int(cm.batch_size),
         "spacing": list(cm.spacing), "network": cm.network_arch_class_name,
         "steps": args.steps, "warmup": args.warmup, "data_loading_steps": args.data_loading_steps,
-        "nnUNet_compile": os.environ.get("nnUNet_compile"), "nnUNet_n_proc_DA": _n_proc_da(),
+        "nnUNet_compile": "0 (trainers, ratios); unset (defaults)", "nnUNet_n_proc_DA": _n_proc_da(),
+        "stock_compiles_by_default": stock_compiles_by_default(device),
         "torch_num_threads": torch.get_num_threads(), "toy": bool(args.toy), "real_brats": args.real_brats,
         "frozen_teachers": teacher_desc,
         "kd_active": "KD trainers are timed with current_epoch = kd_start_epoch, i.e. with all distillation terms",
@@ -251,10 +251,57 @@ def _measure(args, argv, work_dir: str, dataset_id: str) -> Tuple[Dict[str, Any]
         "compute_alone": "one real batch from the trainer's dataloader, kept on the device, reused for every step",
     }
     result: Dict[str, Any] = {"meta": meta, "trainers": {}, "ratios": {}, "inference": None, "targets": []}
-    ok = True
-    mirror_axes = None
+    os.environ["nnUNet_compile"] = "0"
+    result["trainers"], ok, mirror_axes = _bench_trainers(trainers, plans_file, dataset_json, args, fold, device)
+    os.environ.pop("nnUNet_compile")
+    defaults: Dict[str, Any] = {"compiled": meta["stock_compiles_by_default"], "measured": False}
+    if defaults["compiled"] and not args.eager_only:
+        defaults["trainers"], ok_defaults, _ = _bench_trainers(trainers, plans_file, dataset_json, args, fold, device)
+        defaults["measured"], ok = True, ok and ok_defaults
+    if not args.skip_inference:
+        log("=== inference")
+        try:
+            result["inference"] = bench_inference(plans_file, dataset_json, args.configuration, device,
+                                                  args.inference_case, args.inference_repeats, mirror_axes)
+        except Exception:  # noqa: BLE001
+            ok = False
+            tb = traceback.format_exc()
+            log(f"inference FAILED:\n{tb}")
+            result["inference"] = {"error": tb}
+    result["ratios"] = compute_ratios({k: v for k, v in result["trainers"].items() if "error" not in v})
+    if defaults["measured"]:
+        defaults["ratios"] = compute_ratios({k: v for k, v in defaults["trainers"].items() if "error" not in v})
+    elif not defaults["compiled"]:  # nnU-Net does not compile here: its defaults are the eager run
+        defaults["ratios"] = result["ratios"]
+    result["defaults"] = defaults
+    result["targets_eager"] = evaluate_targets(result["ratios"], result["inference"])
+    result["targets"] = (evaluate_targets(defaults["ratios"], result["inference"]) if "ratios" in defaults
+                         else result["targets_eager"])
+    return result, ok
+
+
+def stock_compiles_by_default(device) -> bool:
+    """nnU-Net's own decision (``nnUNetTrainer._do_i_compile``) for this device with nnUNet_compile unset."""
+    from types import SimpleNamespace
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    saved = os.environ.pop("nnUNet_compile", None)
+    try:
+        return bool(nnUNetTrainer._do_i_compile(SimpleNamespace(device=device, print_to_log_file=log)))
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_compile"] = saved
+
+
+def _bench_trainers(trainers, plans_file: str, dataset_json: dict, args, fold, device):
+    """Each trainer in turn under the current nnUNet_compile; (results by trainer, all_ok, stock mirror axes)."""
+    import torch
+
+    results: Dict[str, Any] = {}
+    ok, mirror_axes = True, None
     for name in trainers:
-        log(f"=== {name}")
+        log(f"=== {name} (nnUNet_compile={os.environ.get('nnUNet_compile', 'unset')})")
         try:
             r = bench_trainer(name, plans_file, dataset_json, args.configuration, fold, device,
                               args.steps, args.warmup, args.data_loading_steps)
@@ -269,20 +316,8 @@ def _measure(args, argv, work_dir: str, dataset_id: str) -> Tuple[Dict[str, Any]
         if device.type == "cuda":
             # Should be ~0: anything left here would inflate the next trainer's peak memory.
             r["memory_allocated_after_cleanup_mib"] = round(torch.cuda.memory_allocated(device) / _MIB, 1)
-        result["trainers"][name] = r
-    if not args.skip_inference:
-        log("=== inference")
-        try:
-            result["inference"] = bench_inference(plans_file, dataset_json, args.configuration, device,
-                                                  args.inference_case, args.inference_repeats, mirror_axes)
-        except Exception:  # noqa: BLE001
-            ok = False
-            tb = traceback.format_exc()
-            log(f"inference FAILED:\n{tb}")
-            result["inference"] = {"error": tb}
-    result["ratios"] = compute_ratios({k: v for k, v in result["trainers"].items() if "error" not in v})
-    result["targets"] = evaluate_targets(result["ratios"], result["inference"])
-    return result, ok
+        results[name] = r
+    return results, ok, mirror_axes
 
 
 def _n_proc_da() -> Optional[int]:

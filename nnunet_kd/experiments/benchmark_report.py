@@ -3,7 +3,7 @@ text table printed on stdout."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from nnunet_kd.experiments.benchmark_measure import STUDENT_MODALITY
 
@@ -65,6 +65,37 @@ def _fmt(v, nd=4) -> str:
     return f"{v:.{nd}f}"
 
 
+def _defaults_lines(result: Dict[str, Any], mem_key: str, mem_ratio_key: str) -> List[str]:
+    """The ratios against stock nnU-Net at its defaults (compiled where nnU-Net compiles)."""
+    defaults = result.get("defaults")
+    if not defaults:
+        return []
+    if not defaults.get("compiled"):
+        return ["", "at nnU-Net's defaults nothing is compiled on this device: the ratios above are also the "
+                    "ratios to stock nnU-Net at its defaults"]
+    if not defaults.get("measured"):
+        return ["", "not measured at nnU-Net's defaults (compiled) (--eager-only): the ratios above are eager "
+                    "against eager"]
+    lines = ["", "at nnU-Net's defaults (every network compiled, as nnU-Net compiles its own):"]
+    return lines + _trainer_rows(defaults["trainers"], defaults["ratios"], mem_key, mem_ratio_key)
+
+
+def _trainer_rows(trainers: Dict[str, Dict[str, Any]], ratios: Dict[str, Dict[str, Optional[float]]],
+                  mem_key: str, mem_ratio_key: str) -> List[str]:
+    """One table row per trainer: step time, step time with data loading, memory, each with its ratio."""
+    lines = []
+    for name, r in trainers.items():
+        if "error" in r:
+            lines.append(f"{name:<38} ERROR: {r['error'].splitlines()[-1][:80]}")
+            continue
+        q = ratios.get(name, {})
+        lines.append(f"{name:<38} {_fmt(r.get('step_time_median_s')):>9} {_fmt(q.get('step_time'), 2):>8} "
+                     f"{_fmt(r.get('step_time_with_data_loading_median_s')):>10} "
+                     f"{_fmt(q.get('step_time_with_data_loading'), 2):>8} {_fmt(r.get(mem_key), 1):>14} "
+                     f"{_fmt(q.get(mem_ratio_key), 2):>8}")
+    return lines
+
+
 def format_table(result: Dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -79,16 +110,9 @@ def format_table(result: Dict[str, Any]) -> str:
     mem_ratio_key = "peak_gpu_memory" if meta["device"] == "cuda" else "peak_rss_increase"
     mem_title = "peak GPU MiB" if meta["device"] == "cuda" else "peak dRSS MiB"
     header = f"{'trainer':<38} {'step s':>9} {'x stock':>8} {'step+DL s':>10} {'x stock':>8} {mem_title:>14} {'x stock':>8}"
-    lines += ["", header, "-" * len(header)]
-    for name, r in result["trainers"].items():
-        if "error" in r:
-            lines.append(f"{name:<38} ERROR: {r['error'].splitlines()[-1][:80]}")
-            continue
-        q = result["ratios"].get(name, {})
-        lines.append(f"{name:<38} {_fmt(r.get('step_time_median_s')):>9} {_fmt(q.get('step_time'), 2):>8} "
-                     f"{_fmt(r.get('step_time_with_data_loading_median_s')):>10} "
-                     f"{_fmt(q.get('step_time_with_data_loading'), 2):>8} {_fmt(r.get(mem_key), 1):>14} "
-                     f"{_fmt(q.get(mem_ratio_key), 2):>8}")
+    lines += ["", "eager against eager (nnUNet_compile=0 for every trainer):", header, "-" * len(header)]
+    lines += _trainer_rows(result["trainers"], result["ratios"], mem_key, mem_ratio_key)
+    lines += _defaults_lines(result, mem_key, mem_ratio_key)
     inf = result.get("inference")
     lines.append("")
     if inf and "error" not in inf:
@@ -99,7 +123,8 @@ def format_table(result: Dict[str, Any]) -> str:
     elif inf:
         lines.append(f"inference: ERROR: {inf['error'].splitlines()[-1][:100]}")
     lines.append("")
-    lines.append("targets (ratio to stock nnUNetTrainer, compute alone; [with data loading]):")
+    basis = "at nnU-Net's defaults" if "ratios" in result.get("defaults", {}) else "eager against eager"
+    lines.append(f"targets (ratio to stock nnUNetTrainer {basis}, compute alone; [with data loading]):")
     for t in result["targets"]:
         extra = ""
         if "with_data_loading_value" in t:

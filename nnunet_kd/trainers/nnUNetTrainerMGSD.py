@@ -135,12 +135,6 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self._epoch_step = 0
         self.distillation_log: List[dict] = []
 
-    def _do_i_compile(self):
-        # torch.compile of the network would trace FeatureTap's forward hooks into the graph, where they no
-        # longer hand out the features; compiling stage by stage recompiles per stage (measured on an H100:
-        # slower than eager). MGSD therefore runs eagerly whatever nnUNet_compile says.
-        return False
-
     def initialize(self):
         if not self.enable_deep_supervision:
             raise RuntimeError(f"{self.__class__.__name__} needs deep supervision outputs")
@@ -149,9 +143,13 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         num_levels = len(unet.decoder.stages)
         self.feature_kd_levels = tuple(lvl for lvl in self.feature_kd_levels if lvl < num_levels)
         self.ema_network = self._build_ema_network()
+        # nnU-Net compiled self.network if _do_i_compile(); Dynamo traces the tap's hooks, which must exist
+        # before the first forward pass. The EMA network runs as encoder + decoder (_ema_forward), so those two
+        # compile, in place (same state_dict keys).
         self.tap = FeatureTap(unet, self.feature_kd_levels, bottleneck=True)
-        if super()._do_i_compile():
-            self.print_to_log_file("nnUNet_compile is on, but MGSD runs eagerly: its feature hooks need eager stages")
+        if self._do_i_compile():
+            self.ema_network.encoder.compile()
+            self.ema_network.decoder.compile()
         conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2
         self.multiview = MultiViewConsistencyLoss([decoder_channels(unet, lvl) for lvl in self.feature_kd_levels],
                                                   self.multiview_projection_dim, self.multiview_gamma).to(self.device)

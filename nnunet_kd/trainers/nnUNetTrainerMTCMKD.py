@@ -119,8 +119,11 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         self.cdsfl = CDSFL(self.cdsfl_levels, channels, self.label_manager.num_segmentation_heads,
                            conv_op=unwrap_network(self.network).encoder.conv_op,
                            reduction=self.cdsfl_reduction).to(self.device)
-        # Teachers stay eager under nnUNet_compile: compiling them would hide the forward hooks that
-        # read their decoder features (the student, whose features are not read, is compiled by nnU-Net).
+        # Teachers compile exactly when nnU-Net compiles the student; Dynamo traces the taps' hooks (created
+        # above, before any forward pass). In place, so their state_dict keys do not change.
+        if self._do_i_compile():
+            for t in teachers:
+                t.compile()
         trainable = list(self.cdsfl.parameters())
         if not self.freeze_teachers:
             for t in teachers:
@@ -130,7 +133,7 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
             # DDP broadcasts rank 0's weights at wrap time, so all ranks start from the same teachers.
             device_ids = [self.local_rank] if self.device.type == "cuda" else None
             if not self.freeze_teachers:
-                # When nnU-Net compiles, its loss gives the lowest deep-supervision level weight 0, so the eager
+                # When nnU-Net compiles, its loss gives the lowest deep-supervision level weight 0, so the
                 # teachers' heads of that level get no gradient and DDP would wait for them forever: let DDP
                 # find them. (nnU-Net's compiled student gives every parameter a gradient, zeros included.)
                 unused_heads = any(w == 0 for w in self.loss.weight_factors)

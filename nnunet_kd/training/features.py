@@ -3,6 +3,12 @@
 dynamic_network_architectures' U-Nets (PlainConvUNet, ResidualEncoderUNet) expose
 ``encoder.stages`` and ``decoder.stages``; forward hooks on those stages capture the
 bottleneck and the decoder features of every forward pass.
+
+The hooks also work under torch.compile (checked for torch 2.15 in
+tests/training/test_compiled_features.py): Dynamo inlines them and replays their stores after the
+compiled graph, so the features are the graph's outputs, with gradients. Dynamo only sees hooks that
+exist at its first call of the network, so create the FeatureTap before the first forward pass; a tap
+created later stays empty and ``take()`` raises.
 """
 from __future__ import annotations
 
@@ -60,21 +66,25 @@ class FeatureTap:
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         for level in self.ds_levels:
             stage = unet.decoder.stages[decoder_stage_index(unet, level)]
-            self._handles.append(stage.register_forward_hook(self._saver(f"decoder{level}")))
+            self._handles.append(stage.register_forward_hook(self._saver(f"decoder{level}", stage)))
         if bottleneck:
-            self._handles.append(unet.encoder.stages[-1].register_forward_hook(self._saver("bottleneck")))
+            last = unet.encoder.stages[-1]
+            self._handles.append(last.register_forward_hook(self._saver("bottleneck", last)))
         self.bottleneck = bottleneck
 
-    def _saver(self, key: str):
+    def _saver(self, key: str, tapped: nn.Module):
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            self._store[key] = output
+            # A deepcopy of the network (MGSD's EMA teacher) carries this hook too: keep only the tapped stage.
+            if module is tapped:
+                self._store[key] = output
 
         return hook
 
     def take(self) -> Dict[str, object]:
         missing = [f"decoder{level}" for level in self.ds_levels if f"decoder{level}" not in self._store]
         if missing or (self.bottleneck and "bottleneck" not in self._store):
-            raise RuntimeError("FeatureTap.take() called before a forward pass of the tapped network")
+            raise RuntimeError("FeatureTap.take() called before a forward pass of the tapped network (under "
+                               "torch.compile: was the tap created after the network's first compiled call?)")
         out = {"decoder": {level: self._store[f"decoder{level}"] for level in self.ds_levels}}
         if self.bottleneck:
             out["bottleneck"] = self._store["bottleneck"]

@@ -76,6 +76,11 @@ def test_toy_json_structure(toy_run):
     assert inf["stock_4ch"]["output_shape"] == inf["student_t1ce"]["output_shape"]
     assert inf["ratio_student_to_stock"] > 0
 
+    # nnU-Net does not compile on CPU: its defaults are the eager run, measured once.
+    assert result["defaults"] == {"compiled": False, "measured": False, "ratios": ratios}
+    assert meta["stock_compiles_by_default"] is False
+    assert result["targets"] == result["targets_eager"]
+    assert "nothing is compiled on this device" in proc.stdout
     targets = {t["target"]: t for t in result["targets"]}
     assert len(targets) == len(benchmark_report.TARGETS)
     for t in targets.values():
@@ -146,6 +151,34 @@ def test_table_lists_trainers_errors_and_targets():
     assert "nnUNetTrainerMGSD" in table and "OutOfMemoryError" in table
     assert "MISS" in table and "4.50" in table
     assert "not representative" not in table
+
+
+def test_table_reports_ratios_at_nnunet_defaults_beside_eager():
+    trainers, inference = _fake_result()
+    compiled = {k: dict(v, step_time_median_s=v["step_time_median_s"] / 2) for k, v in trainers.items()}
+    compiled["nnUNetTrainer"]["step_time_median_s"] = 0.05  # stock gains more from compiling than the KD trainers
+    ratios, ratios_compiled = benchmark_report.compute_ratios(trainers), benchmark_report.compute_ratios(compiled)
+    assert ratios_compiled["nnUNetTrainerMTCMKD"]["step_time"] == pytest.approx(9.0)
+    result = {"meta": {"device": "cuda", "device_name": "NVIDIA H100", "torch_version": "2", "nnunetv2_version": "2.8.1",
+                       "nnUNet_compile": "0 / unset", "dataset": "D", "configuration": "3d_fullres",
+                       "patch_size": [128, 128, 128], "batch_size": 2, "fold": "all", "steps": 50, "warmup": 10,
+                       "data_loading_steps": 20, "nnUNet_n_proc_DA": None, "frozen_teachers": "-", "toy": False},
+              "trainers": trainers, "ratios": ratios, "inference": inference,
+              "defaults": {"compiled": True, "measured": True, "trainers": compiled, "ratios": ratios_compiled},
+              "targets": benchmark_report.evaluate_targets(ratios_compiled, inference)}
+    table = benchmark_report.format_table(result)
+    eager_part, defaults_part = table.split("at nnU-Net's defaults (every network compiled")
+    assert "4.50" in eager_part and "9.00" in defaults_part.split("inference")[0]
+    assert "targets (ratio to stock nnUNetTrainer at nnU-Net's defaults" in table
+
+
+def test_stock_compile_decision_is_nnunets(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("nnUNet_compile", "1")
+    assert benchmark.stock_compiles_by_default(torch.device("cpu")) is False  # nnU-Net never compiles on CPU
+    assert benchmark.stock_compiles_by_default(torch.device("cuda", 0)) is True  # its default on CUDA
+    assert os.environ["nnUNet_compile"] == "1"  # the caller's setting is left as it was
 
 
 def test_cli_requires_a_data_source(capsys):
