@@ -31,7 +31,7 @@ from nnunet_kd.training.budget import apply_budget_overrides
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
 from nnunet_kd.training.distributed import broadcast_module
 from nnunet_kd.training.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
-from nnunet_kd.training.gradient_shares import GradientShareMeter
+from nnunet_kd.training.gradient_shares import GradientShareMeter, allow_retained_compiled_graphs
 from nnunet_kd.training.model_folder import dataset_channels
 from nnunet_kd.training.optimisation import autocast_for, backward_and_step
 
@@ -148,6 +148,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         # compile, in place (same state_dict keys).
         self.tap = FeatureTap(unet, self.feature_kd_levels, bottleneck=True)
         if self._do_i_compile():
+            allow_retained_compiled_graphs()  # the gradient shares take a second backward
             self.ema_network.encoder.compile()
             self.ema_network.decoder.compile()
         conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2

@@ -30,7 +30,7 @@ from nnunet_kd.losses.mtcmkd_student import STUDENT_TERMS, ResponseKD, student_l
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
 from nnunet_kd.training.budget import apply_budget_overrides
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
-from nnunet_kd.training.gradient_shares import GradientShareMeter
+from nnunet_kd.training.gradient_shares import GradientShareMeter, allow_retained_compiled_graphs
 from nnunet_kd.training.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
 from nnunet_kd.training.model_folder import dataset_channels, subset_dataset_json, subset_plans
 from nnunet_kd.training.optimisation import autocast_for, backward_and_step, sgd_with_poly_lr
@@ -122,6 +122,7 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         # Teachers compile exactly when nnU-Net compiles the student; Dynamo traces the taps' hooks (created
         # above, before any forward pass). In place, so their state_dict keys do not change.
         if self._do_i_compile():
+            allow_retained_compiled_graphs()  # the gradient shares take a second backward
             for t in teachers:
                 t.compile()
         trainable = list(self.cdsfl.parameters())

@@ -12,6 +12,18 @@ from torch import Tensor
 from torch import distributed as dist
 
 
+def allow_retained_compiled_graphs() -> None:
+    """Let compiled backward graphs be kept for a second backward, as :func:`gradient_norms` needs.
+
+    With torch.compile, AOTAutograd donates the saved buffers of a compiled backward (nnU-Net compiles its
+    Dice loss, the KD trainers their networks), which forbids ``retain_graph=True``. Measuring the
+    gradient shares needs it, so the trainers turn donation off when they compile (a small memory cost).
+    """
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
+
+
 def gradient_norms(terms: Mapping[str, Tensor], outputs: Sequence[Tensor], scale: float = 1.0) -> Dict[str, float]:
     """L2 norm of d(term)/d(outputs), all ``outputs`` taken together, for each named scalar term.
 
