@@ -127,6 +127,8 @@ CASE_PATTERNS: Dict[str, "re.Pattern[str]"] = {
 }
 CASE_PATTERNS["MEN-RT"] = re.compile(r"^BraTS-MEN-RT-(?P<subject>\d+)-(?P<timepoint>\d+)$", re.IGNORECASE)
 CASE_PATTERNS["GoAT"] = re.compile(r"^BraTS-GoAT-(?P<subject>\d+)$", re.IGNORECASE)
+#: A case folder of any 2023+ cohort (the converter's release detection).
+ANY_CASE_PATTERN = re.compile(r"^BraTS-(GLI|MEN-RT|MEN|MET|PED|SSA)-\d+-\d+$|^BraTS-GoAT-\d+$", re.IGNORECASE)
 
 _NCR = ("NCR", "necrotic tumour core")
 _NETC = ("NETC", "non-enhancing tumour core")
@@ -293,3 +295,40 @@ def to_original(seg: np.ndarray, cohort: Cohort) -> np.ndarray:
 def region_masks(seg: np.ndarray, cohort: Cohort) -> Dict[str, np.ndarray]:
     """Boolean masks of the cohort's regions from a segmentation in nnU-Net labels."""
     return {name: np.isin(seg, members) for name, members in cohort.regions.items()}
+
+
+def gli_differences(cohort: Cohort) -> List[str]:
+    """Where the cohort's label values mean something else than in BraTS 2023 GLI (1 NCR, 2 ED, 3 ET):
+    one sentence per differing or extra label value (empty for GLI 2023 and cohorts with its labels)."""
+    gli = COHORTS["GLI-2023"]
+    out = []
+    for value, (abbr, meaning) in sorted(cohort.labels.items()):
+        if value not in gli.labels:
+            out.append(f"label {value} is {abbr} ({meaning}), a label GLI 2023 does not have")
+        elif cohort.to_nnunet[value] != gli.to_nnunet[value]:
+            out.append(f"label {value} is {abbr} ({meaning}), where GLI 2023 has {gli.labels[value][0]}")
+    for value in sorted(set(gli.labels) - set(cohort.labels)):
+        out.append(f"label {value} ({gli.labels[value][0]} in GLI 2023) is not used")
+    return out
+
+
+def dataset_json_fields(cohort: Cohort) -> Dict[str, object]:
+    """Extra dataset.json entries describing the cohort's original labels (read back by ``--to-brats``)."""
+    return {
+        "brats_cohort": cohort.key,
+        "original_labels": {str(v): f"{abbr}: {meaning}" for v, (abbr, meaning) in sorted(cohort.labels.items())},
+        "original_to_nnunet_labels": {str(k): v for k, v in sorted(cohort.to_nnunet.items())},
+        "nnunet_label_meaning": {str(k): v for k, v in cohort.nnunet_label_names().items()},
+        "original_regions": {name: list(m) for name, m in cohort.original_regions().items()},
+        "label_meaning_differs_from_GLI": gli_differences(cohort),
+        "label_source": cohort.source,
+    }
+
+
+def cohort_of_cases(case_ids: Sequence[str], year: Optional[int] = None, hint: Optional[int] = None) -> Cohort:
+    """The one cohort of 2023+ case folders (ValueError when they mix prefixes); see detect_cohort."""
+    prefixes = sorted({p[0] for p in map(parse_case_id, case_ids) if p is not None})
+    if len(prefixes) != 1:
+        raise ValueError(f"the case folders mix BraTS cohorts {', '.join(prefixes) or '(none)'}; "
+                         "convert one cohort at a time")
+    return detect_cohort(prefixes[0], case_ids, year, hint)
