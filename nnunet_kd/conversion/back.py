@@ -14,7 +14,8 @@ from nnunet_kd.atomic import make_temp_dir
 from nnunet_kd.brats import nnunet_to_release
 from nnunet_kd.conversion.cohorts import COHORTS, Cohort, cohort_for, to_original
 from nnunet_kd.conversion.cases import label_image, read_case_image, write_image
-from nnunet_kd.conversion.releases import (GLI_RELEASES, RELEASES, ConversionError, check_input_dir, is_hidden, nifti_stem,
+from nnunet_kd.conversion.releases import (GLI_RELEASES, RELEASES, ConversionError, check_input_dir, is_hidden,
+                                           nifti_stem,
                                            normalize_release)
 
 
@@ -46,7 +47,8 @@ def prediction_cohort(pred_dir: str, year: str, cohort: Optional[str] = None) ->
 def convert_to_brats(pred_dir: str, out_dir: str, year: str, cohort: Optional[str] = None) -> List[str]:
     """Map nnU-Net predictions (1 ED, 2 NCR, 3 ET) in ``pred_dir`` back to the labels of ``year``
     (ET = 4 up to 2021, 3 for 2023/2024, Decathlon convention for msd), keeping file names and
-    geometry; 2023+ cohorts get their own labels (see prediction_cohort). Files are written to a temporary folder first and moved into ``out_dir`` only when
+    geometry; 2023+ cohorts get their own labels (see prediction_cohort). Files are written to a
+    temporary folder first and moved into ``out_dir`` only when
     every prediction converted. Returns the written files."""
     convention = RELEASES[normalize_release(year)][0]
     pred_dir = check_input_dir(pred_dir)

@@ -16,7 +16,8 @@ from nnunet_kd.conversion.cohorts import CASE_PATTERNS as COHORT_PREFIXES
 from nnunet_kd.conversion.releases import YEAR_CHOICES, ConversionError
 
 
-_DESCRIPTION = ("Convert a BraTS release (2018-2025, every 2023+ cohort: GLI, MEN, MEN-RT, MET, PED, SSA, GoAT) or the Decathlon Task01_BrainTumour to an nnU-Net v2 "
+_DESCRIPTION = ("Convert a BraTS release (2018-2025, every 2023+ cohort: GLI, MEN, MEN-RT, MET, PED, SSA, GoAT) "
+                "or the Decathlon Task01_BrainTumour to an nnU-Net v2 "
                 "raw dataset (channels T1, T1ce, T2, FLAIR; labels 1 ED, 2 NCR, 3 ET as regions), or with "
                 "--to-brats convert nnU-Net predictions back to a release's labels.")
 

@@ -119,7 +119,8 @@ def assign_cohort(tasks: List[CaseTask], release: str, year_given: bool, folders
     post-treatment folder).
 
     The year is the release's when the user gave one, else a year named by the folder names ``folders``
-    (the input folder and the wrappers down to the cases, e.g. ``BraTS2024-GLI-Challenge-TrainingData``), else cohorts.detect_cohort's rules. Sets every task's
+    (the input folder and the wrappers down to the cases, e.g. ``BraTS2024-GLI-Challenge-TrainingData``),
+    else cohorts.detect_cohort's rules. Sets every task's
     cohort and modalities; ConversionError for mixed cohorts, a year without the cohort, or modalities
     the cohort does not have.
     """

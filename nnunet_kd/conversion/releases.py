@@ -141,7 +141,8 @@ def resolve_root(input_dir: str) -> Tuple[str, str]:
         path = os.path.join(path, subs[0])
     raise ConversionError(
         f"cannot detect the BraTS release of {input_dir}: no case folders named like Brats18_*, "
-        "BraTS19_*, BraTS20_Training_*, BraTS2021_*, BraTS-GLI-*/MEN-*/MET-*/PED-*/SSA-*/GoAT-* and no Decathlon Task01 "
+        "BraTS19_*, BraTS20_Training_*, BraTS2021_*, BraTS-GLI-*/MEN-*/MET-*/PED-*/SSA-*/GoAT-* "
+        "and no Decathlon Task01 "
         "(imagesTr/); pass --year if the layout is right but the names differ")
 
 

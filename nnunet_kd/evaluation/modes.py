@@ -12,7 +12,7 @@ import json
 import math
 import multiprocessing
 import os
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -128,12 +128,13 @@ def _nanmean(values) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def write_lesionwise_table(results: Mapping, path: str) -> str:
-    """CSV with columns case, region and the lesion-wise metrics (written atomically); returns ``path``."""
-    lines = [",".join(("case", "region") + lesionwise.LESIONWISE_METRICS)]
-    for case, regions in sorted(results["cases"].items()):
+def write_lesionwise_table(path: str, first_column: str, rows: Iterable[Tuple[str, Mapping]]) -> str:
+    """CSV with columns ``first_column``, region and the lesion-wise metrics, one line per region of each
+    ``(name, {region: metrics})`` of ``rows`` (written atomically); returns ``path``."""
+    lines = [",".join((first_column, "region") + lesionwise.LESIONWISE_METRICS)]
+    for name, regions in rows:
         for region, m in regions.items():
-            lines.append(",".join([case, region] + [repr(float(m[k])) for k in lesionwise.LESIONWISE_METRICS]))
+            lines.append(",".join([name, region] + [repr(float(m[k])) for k in lesionwise.LESIONWISE_METRICS]))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -166,5 +167,6 @@ def evaluate_with_metrics(ref_dir: str, pred_dir: str, output_json: Optional[str
         else:
             atomic_write_json(results, output_json)
         if chosen is not None:
-            write_lesionwise_table(results["lesionwise"], output_stem(output_json) + "_lesionwise.csv")
+            write_lesionwise_table(output_stem(output_json) + "_lesionwise.csv", "case",
+                                   sorted(results["lesionwise"]["cases"].items()))
     return results

@@ -219,10 +219,12 @@ def _write_cohort_case(out_dir: str, index: int, cohort_key: str, arrays: Dict[s
     os.makedirs(folder, exist_ok=True)
     for modality in cohort.modalities:
         key, token = _COHORT_TOKENS[modality]
-        _write(_to_image(arrays[key], spacing, np.int16), os.path.join(folder, f"{name}{cohort.separator}{token}{file_ending}"))
+        path = os.path.join(folder, f"{name}{cohort.separator}{token}{file_ending}")
+        _write(_to_image(arrays[key], spacing, np.int16), path)
     if with_seg:
         seg = to_original(nn, cohort).astype(np.uint8)
-        _write(_to_image(seg, spacing), os.path.join(folder, f"{name}{cohort.separator}{cohort.seg_token}{file_ending}"))
+        path = os.path.join(folder, f"{name}{cohort.separator}{cohort.seg_token}{file_ending}")
+        _write(_to_image(seg, spacing), path)
     return folder
 
 
