@@ -155,11 +155,12 @@ def evaluate_with_metrics(ref_dir: str, pred_dir: str, output_json: Optional[str
     if chosen is not None:
         require_official_package()  # before any work
     pairs = match_cases(ref_dir, pred_dir)
-    results: Dict = {"metrics": metrics}
+    results: Dict = {}  # legacy alone: exactly evaluate_folders' {"mean", "cases"}
     if metrics in ("legacy", "both"):
         cases = evaluate_pairs(pairs, labels=labels, num_processes=num_processes, progress=progress)
         results.update({"mean": mean_metrics(cases), "cases": cases})
     if chosen is not None:
+        results["metrics"] = metrics
         results["lesionwise"] = lesionwise_pairs(pairs, chosen, labels, labels, num_processes)
     if output_json is not None:
         if "cases" in results:
