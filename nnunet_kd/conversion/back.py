@@ -20,9 +20,9 @@ from nnunet_kd.conversion.releases import (GLI_RELEASES, RELEASES, ConversionErr
 
 
 def prediction_cohort(pred_dir: str, year: str, cohort: Optional[str] = None) -> Optional[Cohort]:
-    """The 2023+ cohort whose labels the predictions get: ``cohort`` (GLI, MEN, PED, ...) in ``year``, else the
-    ``brats_cohort`` that the converter wrote into the dataset.json nnUNetv2_predict copies beside the
-    predictions, else None (the release's GLI/legacy labels)."""
+    """The 2023+ cohort whose labels the predictions get: ``cohort`` (GLI, MEN, PED, ...) in ``year``, else for
+    a 2023+ ``year`` the ``brats_cohort`` that the converter wrote into the dataset.json nnUNetv2_predict
+    copies beside the predictions, else None (the release's own labels)."""
     release = normalize_release(year)
     if cohort is not None:
         if release not in GLI_RELEASES:
@@ -32,7 +32,7 @@ def prediction_cohort(pred_dir: str, year: str, cohort: Optional[str] = None) ->
         except ValueError as e:
             raise ConversionError(str(e)) from None
     meta = os.path.join(pred_dir, "dataset.json")
-    if not os.path.isfile(meta):
+    if release not in GLI_RELEASES or not os.path.isfile(meta):  # 2018-2021 / msd labels were asked for
         return None
     try:
         with open(meta, encoding="utf-8") as f:

@@ -59,6 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         written = convert_to_brats(args.input, args.output_root, args.year, args.cohort)
         print(f"Wrote {len(written)} segmentations in {args.year} labels to {os.path.abspath(args.output_root)}")
         return 0
+    if args.cohort:
+        parser.error("--cohort applies to --to-brats; converting detects the cohort from the case names")
     if args.dataset_id is None:
         parser.error("-d/--dataset-id is required")
     if args.num_processes < 1:

@@ -114,3 +114,19 @@ def test_mixed_cohorts_and_ambiguous_paediatric_year_are_refused(tmp_path):
     generate_dataset(str(named), 1, shape=SHAPE, layout="brats2023", cohort="MEN-2023", start_index=7)
     with pytest.raises(ConversionError, match="mix BraTS cohorts MEN, PED"):
         convert_brats(str(named), 44, num_processes=1, output_root=str(tmp_path / "raw"))
+
+
+def test_to_brats_for_an_older_release_ignores_the_cohort_in_dataset_json(tmp_path):
+    """A GLI 2024 model's predictions asked for in 2021 labels get ET = 4 (RC has no 2021 label)."""
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    seg = np.zeros((4, 4, 4), np.uint8)
+    seg[0, 0, :4] = [0, 1, 2, 3]
+    sitk.WriteImage(sitk.GetImageFromArray(seg), str(preds / "c.nii.gz"))
+    (preds / "dataset.json").write_text(json.dumps({"brats_cohort": "GLI-2024"}))
+    convert_to_brats(str(preds), str(tmp_path / "out"), "2021")
+    assert _array(tmp_path / "out" / "c.nii.gz")[0, 0, :4].tolist() == [0, 2, 1, 4]
+    convert_to_brats(str(preds), str(tmp_path / "out24"), "2024")
+    assert _array(tmp_path / "out24" / "c.nii.gz")[0, 0, :4].tolist() == [0, 2, 1, 3]
+    with pytest.raises(ConversionError, match="--cohort needs a 2023"):
+        convert_to_brats(str(preds), str(tmp_path / "x"), "2021", cohort="PED")

@@ -22,7 +22,13 @@ def resenc_planned(brats_dataset, bin_path, dataset_id, run_cmd):
     """The session dataset planned with nnUNetPlannerResEncM, preprocessed for 3d_fullres (fingerprint reused)."""
     run_cmd([bin_path("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-pl", "nnUNetPlannerResEncM",
              "-c", "3d_fullres", "-np", "1"], brats_dataset["env"])
-    return json.loads((brats_dataset["preprocessed"] / f"{RESENC_PLANS}.json").read_text())
+    path = brats_dataset["preprocessed"] / f"{RESENC_PLANS}.json"
+    plans = json.loads(path.read_text())
+    # Toy size: batch 2 as in the default plans (the planner picks 4 here), so that MTCM-KD's four
+    # ResEnc networks stay within ~2 GB on a CPU; the architecture is the planner's.
+    plans["configurations"]["3d_fullres"]["batch_size"] = 2
+    path.write_text(json.dumps(plans, indent=2))
+    return plans
 
 
 @pytest.fixture(scope="module")
