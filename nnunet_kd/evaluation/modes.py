@@ -141,13 +141,15 @@ def write_lesionwise_table(path: str, first_column: str, rows: Iterable[Tuple[st
 
 def evaluate_with_metrics(ref_dir: str, pred_dir: str, output_json: Optional[str] = None, metrics: str = "legacy",
                           labels: str = "nnunet", cohort: Optional[str] = None,
-                          num_processes: Optional[int] = None, plots: bool = True, progress: bool = True) -> Dict:
+                          num_processes: Optional[int] = None, plots: bool = True, progress: bool = True,
+                          model: Optional[str] = None) -> Dict:
     """Score the predictions of ``pred_dir`` against the same-named references of ``ref_dir``.
 
     ``metrics``: ``legacy`` -> ``{"mean", "cases"}`` of evaluate.evaluate_folders; ``lesionwise`` ->
     ``{"lesionwise": lesionwise_pairs(...)}``; ``both`` -> both keys. ``labels``: convention of both folders;
     ``cohort``: see resolve_cohort. With ``output_json``: the JSON (atomically), the legacy CSV and plots
-    beside it, and ``<stem>_lesionwise.csv``. EvaluationError on bad input or a missing extra.
+    (titled ``model``, default ``pred_dir``'s name) beside it, and ``<stem>_lesionwise.csv``.
+    EvaluationError on bad input or a missing extra.
     """
     check_mode(metrics)
     label_mapping(labels)
@@ -164,7 +166,8 @@ def evaluate_with_metrics(ref_dir: str, pred_dir: str, output_json: Optional[str
         results["lesionwise"] = lesionwise_pairs(pairs, chosen, labels, labels, num_processes)
     if output_json is not None:
         if "cases" in results:
-            write_results(results, output_json, plots=plots)
+            write_results(results, output_json, plots=plots,
+                          model=model or os.path.basename(os.path.normpath(os.path.abspath(pred_dir))))
         else:
             atomic_write_json(results, output_json)
         if chosen is not None:
