@@ -22,7 +22,14 @@ setup(
         "matplotlib",
         "MedPy>=0.5",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # The official BraTS 2023+ lesion-wise metrics (nnunet_kd_evaluate --metrics lesionwise|both).
+        # Pinned: the adapter reads this version's parser output (evaluation/lesionwise.py). panoptica 2.1.x
+        # caps numpy<2.3, pandas<3, rich<14 and connected-components-3d<4 (nnunetv2 2.8.1 caps none of
+        # them), so in an environment with newer ones this extra downgrades them; see README.
+        "brats-eval": ["BraTS-evaluation==0.0.10", "panoptica==2.1.7"],
+    },
     entry_points={
         "console_scripts": [
             "nnunet_kd_env=nnunet_kd.paths:main",

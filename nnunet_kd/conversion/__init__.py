@@ -1,6 +1,7 @@
-"""BraTS releases (2018-2024) and the Decathlon Task01 to nnU-Net v2 raw datasets, and predictions back.
+"""BraTS releases (2018-2025, every 2023+ cohort) and the Decathlon Task01 to nnU-Net v2 raw datasets, and
+predictions back.
 
-Modules, in dependency order: ``releases`` (release names, layouts, detection, ConversionError),
+Modules, in dependency order: ``cohorts`` (2023+ cohorts: naming, labels, regions), ``releases`` (release names, layouts, detection, ConversionError),
 ``discovery`` (the cases of a folder), ``cases`` (per-case checks and writing, run in workers),
 ``convert`` (orchestration and dataset.json), ``back`` (``--to-brats``), ``cli`` (the command).
 """

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_kd.brats import RELEASE_TO_NNUNET, map_labels, release_labels
+from nnunet_kd.conversion.cohorts import Cohort
 from nnunet_kd.conversion.discovery import CaseTask, modality_of
 from nnunet_kd.conversion.releases import (GLI_RELEASES, MSD_CHANNELS, OUT_ENDING, RELEASES, ConversionError,
                                            is_hidden, nifti_stem)
@@ -49,9 +50,11 @@ def _check_same_grid(case_id: str, ref: sitk.Image, ref_path: str, img: sitk.Ima
         raise ConversionError(f"case {case_id}: {path}: {problem} of {ref_path}")
 
 
-def _labels_to_nnunet(case_id: str, path: str, seg: np.ndarray, convention: str) -> np.ndarray:
-    """Release labels -> nnU-Net labels, naming the offending values if any are not allowed."""
-    allowed = release_labels(convention)
+def _labels_to_nnunet(case_id: str, path: str, seg: np.ndarray, convention: str,
+                      cohort: Optional[Cohort] = None) -> np.ndarray:
+    """Release (or 2023+ cohort) labels -> nnU-Net labels, naming the offending values if any are not allowed."""
+    allowed = release_labels(convention) if cohort is None else cohort.allowed_labels
+    set_name = convention if cohort is None else f"BraTS {cohort.key} ({cohort.title})"
     values = np.unique(seg)
     non_integer = []
     if seg.dtype.kind == "f":  # some releases store labels as floats; 4.0 is fine, 2.5 or NaN are not
@@ -59,8 +62,9 @@ def _labels_to_nnunet(case_id: str, path: str, seg: np.ndarray, convention: str)
     bad = non_integer or sorted(int(v) for v in values if int(v) not in allowed)
     if bad:
         raise ConversionError(f"case {case_id}: segmentation {path} has label values {bad} outside "
-                              f"the {convention} label set {list(allowed)}")
-    return map_labels(seg.astype(np.int64), RELEASE_TO_NNUNET[convention])
+                              f"the {set_name} label set {list(allowed)}")
+    mapping = RELEASE_TO_NNUNET[convention] if cohort is None else cohort.to_nnunet
+    return map_labels(seg.astype(np.int64), mapping)
 
 
 def write_image(img: sitk.Image, path: str) -> None:
@@ -89,7 +93,7 @@ def _find_case_files(task: CaseTask) -> Tuple[Dict[str, str], Optional[str], Lis
         modality = modality_of(stem)
         if modality is not None:
             found.setdefault(modality, []).append(path)
-        elif re.split(r"[_-]", stem)[-1].lower() == "seg":
+        elif re.split(r"[_-]", stem)[-1].lower() == (task.cohort.seg_token if task.cohort else "seg"):
             seg.append(path)
         else:
             other.append(path)
@@ -120,6 +124,9 @@ _FILE_TOKENS: Dict[str, Dict[str, str]] = {"_": {"T1": "t1", "T1ce": "t1ce", "T2
 def _expected_name(task: CaseTask, token: str) -> str:
     """The usual file name of a case's file: ``token`` is ``seg`` or a canonical modality."""
     sep = "-" if task.release in GLI_RELEASES else "_"
+    if task.cohort is not None:
+        token = task.cohort.seg_token if token == "seg" else token
+        return f"{task.case_id}{task.cohort.separator}{_FILE_TOKENS['-'].get(token, token)}.nii.gz"
     return f"{task.case_id}{sep}{_FILE_TOKENS[sep].get(token, token)}.nii.gz"
 
 
@@ -153,7 +160,7 @@ def _convert_folder_case(task: CaseTask) -> CaseResult:
     if seg_path is not None:
         seg_img, seg_arr = read_case_image(seg_path, case_id, "segmentation")
         _check_same_grid(case_id, ref, ref_path, seg_img, seg_path)
-        seg_out = label_image(_labels_to_nnunet(case_id, seg_path, seg_arr, convention), ref)
+        seg_out = label_image(_labels_to_nnunet(case_id, seg_path, seg_arr, convention, task.cohort), ref)
 
     # Everything checked: write. A 3D .nii.gz is copied byte for byte; a .nii is recompressed.
     for channel, path, img in loaded:

@@ -12,10 +12,12 @@ from typing import Optional, Sequence
 from nnunet_kd.cli import command
 from nnunet_kd.conversion.back import convert_to_brats
 from nnunet_kd.conversion.convert import convert_brats
+from nnunet_kd.conversion.cohorts import CASE_PATTERNS as COHORT_PREFIXES
 from nnunet_kd.conversion.releases import YEAR_CHOICES, ConversionError
 
 
-_DESCRIPTION = ("Convert a BraTS release (2018-2024) or the Decathlon Task01_BrainTumour to an nnU-Net v2 "
+_DESCRIPTION = ("Convert a BraTS release (2018-2025, every 2023+ cohort: GLI, MEN, MEN-RT, MET, PED, SSA, GoAT) "
+                "or the Decathlon Task01_BrainTumour to an nnU-Net v2 "
                 "raw dataset (channels T1, T1ce, T2, FLAIR; labels 1 ED, 2 NCR, 3 ET as regions), or with "
                 "--to-brats convert nnU-Net predictions back to a release's labels.")
 
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip incomplete or invalid cases with a warning instead of failing")
     p.add_argument("--to-brats", action="store_true",
                    help="convert nnU-Net predictions in -i to the labels of --year, written to -o")
+    p.add_argument("--cohort", choices=sorted(COHORT_PREFIXES),
+                   help="with --to-brats and a 2023+ --year: the cohort whose labels to write (default: the "
+                        "brats_cohort of the dataset.json beside the predictions, else GLI)")
     return p
 
 
@@ -51,9 +56,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.to_brats:
         if not args.output_root or not args.year:
             parser.error("--to-brats needs -o OUT_DIR and --year")
-        written = convert_to_brats(args.input, args.output_root, args.year)
+        written = convert_to_brats(args.input, args.output_root, args.year, args.cohort)
         print(f"Wrote {len(written)} segmentations in {args.year} labels to {os.path.abspath(args.output_root)}")
         return 0
+    if args.cohort:
+        parser.error("--cohort applies to --to-brats; converting detects the cohort from the case names")
     if args.dataset_id is None:
         parser.error("-d/--dataset-id is required")
     if args.num_processes < 1:

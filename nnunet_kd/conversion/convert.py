@@ -25,7 +25,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from nnunet_kd.atomic import make_temp_dir
 from nnunet_kd.brats import MODALITIES, REGIONS, RELEASE_TO_NNUNET
 from nnunet_kd.conversion.cases import CaseResult, run_case
-from nnunet_kd.conversion.discovery import CaseTask, discover, resolve_modalities
+from nnunet_kd.conversion.cohorts import Cohort, dataset_json_fields
+from nnunet_kd.conversion.discovery import CaseTask, assign_cohort, discover, resolve_modalities
 from nnunet_kd.conversion.releases import (OUT_ENDING, RELEASES, ConversionError, check_input_dir, detect_release,
                                            normalize_release, resolve_root, root_for_release)
 from nnunet_kd.paths import dataset_folders
@@ -164,7 +165,7 @@ def _release_and_root(input_dir: str, year: Optional[str]) -> Tuple[str, str]:
     """(release, data root): detected from the layout (and reported) when ``year`` is None."""
     if year is None:
         release, root = resolve_root(input_dir)
-        note = " (GLI naming of 2023 and 2024; pass --year 2024 to name it BraTS2024)" if release == "brats2023" else ""
+        note = " (naming of every 2023-2025 cohort; the cohort and year follow)" if release == "brats2023" else ""
         print(f"Detected release: {release}{note} (from the layout of {root})")
         return release, root
     release = normalize_release(year)
@@ -216,16 +217,22 @@ def convert_brats(
     out_root = _output_root_path(output_root)
     input_dir = check_input_dir(input_dir)
     release, root = _release_and_root(input_dir, year)
+    tasks = _find_tasks(release, root, input_dir, chosen)
+    folder_names = [os.path.basename(input_dir)] + os.path.relpath(root, input_dir).split(os.sep)
+    cohort, chosen, release = assign_cohort(tasks, release, year is not None, folder_names, modalities)
     convention, default_name = RELEASES[release]
+    if cohort is not None:
+        print(f"Cohort: BraTS {cohort.key} ({cohort.title}); labels from {cohort.source}")
+        default_name += "" if cohort.prefix == "GLI" else f"_{cohort.prefix}"
     if name is None:
-        name = default_name if chosen == MODALITIES else f"{default_name}_{'_'.join(chosen)}"
+        name = default_name if chosen in (MODALITIES, getattr(cohort, "modalities", None)) \
+            else f"{default_name}_{'_'.join(chosen)}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         raise ConversionError(f"invalid dataset name {name!r}: use letters, digits, '_', '-' and '.'")
 
     os.makedirs(out_root, exist_ok=True)
     target = os.path.join(out_root, f"Dataset{dataset_id:03d}_{name}")
     _existing_datasets(out_root, dataset_id, overwrite)
-    tasks = _find_tasks(release, root, input_dir, chosen)
 
     # Build next to the target (same filesystem, so the final rename is atomic).
     _remove_dead_partials(out_root, dataset_id)
@@ -247,7 +254,8 @@ def convert_brats(
         num_training = sum(not r.is_test for r in kept)
         if not os.listdir(os.path.join(tmp, "imagesTs")):
             os.rmdir(os.path.join(tmp, "imagesTs"))
-        _write_dataset_json(tmp, chosen, num_training, sum(r.is_test for r in kept), name, release, convention)
+        _write_dataset_json(tmp, chosen, num_training, sum(r.is_test for r in kept), name, release, convention,
+                           cohort)
         existing = _existing_datasets(out_root, dataset_id, overwrite)  # one may have appeared while we worked
         _replace_datasets(tmp, target, existing, out_root)
     except BaseException:
@@ -259,9 +267,19 @@ def convert_brats(
 
 
 def _write_dataset_json(folder: str, chosen: Tuple[str, ...], num_training: int, num_test: int, name: str,
-                        release: str, convention: str) -> None:
+                        release: str, convention: str, cohort: Optional[Cohort] = None) -> None:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
+    if cohort is not None:  # 2023+ cohort: its own labels and regions (conversion/cohorts.py)
+        generate_dataset_json(
+            folder, channel_names={str(i): m for i, m in enumerate(chosen)}, labels=cohort.dataset_json_labels(),
+            num_training_cases=num_training, file_ending=OUT_ENDING, regions_class_order=cohort.regions_class_order,
+            dataset_name=name, release=release, license="see the license of the original release",
+            description=f"BraTS {cohort.key} ({cohort.title}) converted by nnunet_kd_convert_brats; nnU-Net labels: "
+                        + "; ".join(f"{k} {v}" for k, v in cohort.nnunet_label_names().items()),
+            converted_by="nnunet_kd_convert_brats", original_label_convention=convention, numTest=num_test,
+            **dataset_json_fields(cohort))
+        return
     generate_dataset_json(
         folder,
         channel_names={str(i): m for i, m in enumerate(chosen)},

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from nnunet_kd.brats import MODALITIES, canonical_modality
-from nnunet_kd.conversion.releases import (CASE_PATTERNS, GRADE_DIRS, NIFTI_ENDINGS, ConversionError, is_hidden,
-                                           nifti_stem, subdirs)
+from nnunet_kd.conversion.cohorts import Cohort, cohort_of_cases, year_hint
+from nnunet_kd.conversion.releases import (CASE_PATTERNS, GLI_RELEASES, GRADE_DIRS, NIFTI_ENDINGS, ConversionError,
+                                           is_hidden, nifti_stem, subdirs)
 
 
 @dataclass
@@ -24,6 +25,7 @@ class CaseTask:
     seg_required: Optional[bool] = True  # True: training case; False: test case; None: either
     modalities: Tuple[str, ...] = MODALITIES
     out_dir: str = ""
+    cohort: Optional[Cohort] = None  # 2023+ releases: the cohort whose labels and file naming apply
 
 
 def resolve_modalities(modalities: Optional[Sequence[str]]) -> Tuple[str, ...]:
@@ -99,7 +101,7 @@ def discover(release: str, root: str, modalities: Tuple[str, ...], out_dir: str)
             else:
                 required = True  # decided below: a folder is a training set or a validation set
             tasks.append(CaseTask(name, release, folder=os.path.join(root, name), seg_required=required))
-    if release in ("brats2021", "brats2023", "brats2024") and tasks:
+    if (release == "brats2021" or release in GLI_RELEASES) and tasks:
         # Same naming for training and validation sets: if no case has a segmentation, it is a
         # validation set (imagesTs); otherwise every case must have one.
         if not any(_has_seg_like_file(t.folder) for t in tasks):
@@ -108,3 +110,36 @@ def discover(release: str, root: str, modalities: Tuple[str, ...], out_dir: str)
     for t in tasks:
         t.modalities, t.out_dir = modalities, out_dir
     return tasks
+
+
+def assign_cohort(tasks: List[CaseTask], release: str, year_given: bool, folders: Sequence[str],
+                  modalities: Optional[Sequence[str]]) -> Tuple[Optional[Cohort], Tuple[str, ...], str]:
+    """(cohort, modalities to write, release) for the cases: the cohort of a 2023+ release (None for older
+    releases; the release then becomes ``brats<year>`` of the year found, e.g. brats2024 for a GLI
+    post-treatment folder).
+
+    The year is the release's when the user gave one, else a year named by the folder names ``folders``
+    (the input folder and the wrappers down to the cases, e.g. ``BraTS2024-GLI-Challenge-TrainingData``),
+    else cohorts.detect_cohort's rules. Sets every task's
+    cohort and modalities; ConversionError for mixed cohorts, a year without the cohort, or modalities
+    the cohort does not have.
+    """
+    chosen = resolve_modalities(modalities)
+    if release not in GLI_RELEASES:
+        return None, chosen, release
+    year = int(release[len("brats"):]) if year_given else None
+    hint = year_hint(folders)
+    try:
+        cohort = cohort_of_cases([t.case_id for t in tasks], year, hint)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    if not modalities:
+        chosen = cohort.modalities
+    elif set(chosen) - set(cohort.modalities):
+        raise ConversionError(f"cohort {cohort.key} has only {', '.join(cohort.modalities)}; "
+                              f"cannot write {', '.join(sorted(set(chosen) - set(cohort.modalities)))}")
+    for t in tasks:
+        t.cohort, t.modalities = cohort, chosen
+    if not year_given:
+        release = f"brats{hint if hint in cohort.years else cohort.years[0]}"
+    return cohort, chosen, release

@@ -6,6 +6,8 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
+from nnunet_kd.conversion.cohorts import ANY_CASE_PATTERN
+
 
 class ConversionError(ValueError):
     """Bad input or output for the converter; the command turns it into ``error: ...`` and exit code 1."""
@@ -19,21 +21,23 @@ RELEASES: Dict[str, Tuple[str, str]] = {
     "brats2021": ("brats2021", "BraTS2021"),
     "brats2023": ("brats2023", "BraTS2023"),
     "brats2024": ("brats2023", "BraTS2024"),
+    "brats2025": ("brats2023", "BraTS2025"),
     "msd": ("msd", "BrainTumour"),
 }
-YEAR_CHOICES: Tuple[str, ...] = ("2018", "2019", "2020", "2021", "2023", "2024", "msd")
+YEAR_CHOICES: Tuple[str, ...] = ("2018", "2019", "2020", "2021", "2023", "2024", "2025", "msd")
 
-#: Case folder names per release. 2024 GLI uses the 2023 naming, so detection reports brats2023.
+#: Case folder names per release. 2023-2025 share one naming for every cohort (GLI, MEN, MEN-RT, MET, PED,
+#: SSA, GoAT; conversion/cohorts.py), so detection reports brats2023 and the cohort decides the labels.
 CASE_PATTERNS: Dict[str, "re.Pattern[str]"] = {
     "brats2018": re.compile(r"^Brats18_\w+$", re.IGNORECASE),
     "brats2019": re.compile(r"^BraTS19_\w+$", re.IGNORECASE),
     "brats2020": re.compile(r"^BraTS20_(Training|Validation|Testing)_\d+$", re.IGNORECASE),
     "brats2021": re.compile(r"^BraTS2021_\d+$", re.IGNORECASE),
-    "brats2023": re.compile(r"^BraTS-GLI-\d+-\d+$", re.IGNORECASE),
+    "brats2023": ANY_CASE_PATTERN,
 }
-CASE_PATTERNS["brats2024"] = CASE_PATTERNS["brats2023"]
-#: Releases whose files are named ``<case>-t1n.nii.gz`` (GLI naming) rather than ``<case>_t1.nii.gz``.
-GLI_RELEASES: Tuple[str, ...] = ("brats2023", "brats2024")
+CASE_PATTERNS["brats2024"] = CASE_PATTERNS["brats2025"] = CASE_PATTERNS["brats2023"]
+#: Releases with the 2023+ naming (``BraTS-<COHORT>-...``, files ``<case>-t1n.nii.gz``).
+GLI_RELEASES: Tuple[str, ...] = ("brats2023", "brats2024", "brats2025")
 #: Grade folders of the 2018/2019 training sets.
 GRADE_DIRS: Tuple[str, ...] = ("HGG", "LGG")
 MSD_TASK = "Task01_BrainTumour"
@@ -100,7 +104,7 @@ def _releases_in(path: str) -> Dict[str, int]:
     counts: Dict[str, int] = {}
     for name, _ in _candidate_case_dirs(path):
         for release, pattern in CASE_PATTERNS.items():
-            if release != "brats2024" and pattern.match(name):
+            if release not in ("brats2024", "brats2025") and pattern.match(name):
                 counts[release] = counts.get(release, 0) + 1
     return counts
 
@@ -137,7 +141,8 @@ def resolve_root(input_dir: str) -> Tuple[str, str]:
         path = os.path.join(path, subs[0])
     raise ConversionError(
         f"cannot detect the BraTS release of {input_dir}: no case folders named like Brats18_*, "
-        "BraTS19_*, BraTS20_Training_*, BraTS2021_*, BraTS-GLI-* and no Decathlon Task01 "
+        "BraTS19_*, BraTS20_Training_*, BraTS2021_*, BraTS-GLI-*/MEN-*/MET-*/PED-*/SSA-*/GoAT-* "
+        "and no Decathlon Task01 "
         "(imagesTr/); pass --year if the layout is right but the names differ")
 
 
@@ -162,5 +167,5 @@ def root_for_release(release: str, input_dir: str) -> str:
 
 def detect_release(input_dir: str) -> str:
     """Detect the release from the folder layout: one of brats2018, brats2019, brats2020, brats2021,
-    brats2023 (also the 2024 GLI naming) or msd. Raises ConversionError if it cannot tell."""
+    brats2023 (the naming of every 2023-2025 cohort) or msd. Raises ConversionError if it cannot tell."""
     return resolve_root(check_input_dir(input_dir))[0]

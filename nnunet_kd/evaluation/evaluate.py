@@ -3,6 +3,10 @@
 Command line::
 
     nnunet_kd_evaluate -r REF_DIR -p PRED_DIR -o metrics.json [--labels nnunet|brats2021|brats2023] [-np N]
+        [--metrics legacy|lesionwise|both] [--cohort GLI-2024]
+
+``--metrics``: legacy (default, below), the official lesion-wise metrics or both
+(:mod:`nnunet_kd.evaluation.modes`; lesion-wise needs the ``brats-eval`` extra).
 
 Predictions and references are NIfTI files (``*.nii.gz``) matched by file name; other
 files are ignored. Every file is read whole (:func:`nnunet_kd.nifti.read_image`: a truncated
@@ -226,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=default_num_processes(),
                    help="worker processes (default: min(4, CPUs))")
     p.add_argument("--no-plots", action="store_true", help="skip the box plots")
+    p.add_argument("--metrics", default="legacy", choices=("legacy", "lesionwise", "both"),
+                   help="legacy: BraTS 2018-2021 Dice/HD95 of WT, TC, ET (default); lesionwise: the official "
+                        "BraTS 2023+ metrics (needs pip install \"nnunet-kd[brats-eval]\"); both")
+    p.add_argument("--cohort", help="lesion-wise only: BraTS cohort key such as GLI-2024, PED-2024 (default: the "
+                                    "brats_cohort of the references' dataset.json, else GLI-2023)")
     return p
 
 
@@ -234,11 +243,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_processes < 1:
         raise EvaluationError(f"-np must be at least 1, got {args.num_processes}")
-    results = evaluate_folders(args.ref, args.pred, args.output, labels=args.labels,
-                               num_processes=args.num_processes, plots=not args.no_plots)
-    for region, m in results["mean"].items():
+    from nnunet_kd.evaluation.modes import evaluate_with_metrics  # modes builds on this module
+
+    results = evaluate_with_metrics(args.ref, args.pred, args.output, metrics=args.metrics, labels=args.labels,
+                                    cohort=args.cohort, num_processes=args.num_processes, plots=not args.no_plots)
+    for region, m in results.get("mean", {}).items():
         print(f"{region}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm")
-    print(f"{len(results['cases'])} cases; written {args.output}")
+    lesion = results.get("lesionwise", {"mean": {}, "cases": {}})
+    for region, m in lesion["mean"].items():
+        print(f"{region}: lesion-wise Dice {m['lesion_dice']:.4f}  HD95 {m['lesion_hd95']:.2f}  "
+              f"(global Dice {m['global_dice']:.4f}; official {lesion['config']} config)")
+    print(f"{len(results.get('cases', lesion['cases']))} cases; written {args.output}")
     return 0
 
 

@@ -4,6 +4,7 @@ Command line::
 
     nnunet_kd_evaluate_missing -d 137 -c 3d_fullres -tr nnUNetTrainerMGSD -f 0 -i IMAGES -r LABELS -o OUT \\
         [-p plans] [-m MODEL_FOLDER] [-chk ...] [-device ...] [--labels nnunet|brats2021|brats2023] [-np N]
+        [--metrics legacy|lesionwise|both] [--cohort GLI-2024]
 
 ``IMAGES`` holds every channel of every case (``CASE_0000`` .. ``CASE_0003``). For each of the
 ``2**M - 1`` non-empty modality combinations (15 for T1, T1ce, T2, FLAIR; order and names of
@@ -19,7 +20,9 @@ subset is passed in memory, nothing is copied), with one network loaded once. Ou
 * ``missing_modalities_dice.png`` and ``missing_modalities_hd95.png``: heat maps of the
   combinations x (WT, TC, ET) table plus the mean row.
 
-Dice and HD95 follow :mod:`nnunet_kd.evaluation.metrics` (BraTS conventions).
+Dice and HD95 follow :mod:`nnunet_kd.evaluation.metrics` (BraTS conventions). With ``--metrics lesionwise``
+or ``both`` each combination also gets ``"lesionwise"`` (:mod:`nnunet_kd.evaluation.modes`, the official
+package) and ``missing_modalities_lesionwise.csv`` its means; ``lesionwise`` alone skips the legacy outputs.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from nnunet_kd.cli import command
 from nnunet_kd.evaluation.evaluate import default_num_processes, evaluate_pairs, list_cases, read_segmentation
 from nnunet_kd.evaluation.metrics import (LABEL_CONVENTIONS, EvaluationError, label_mapping, mean_metrics,
                                           mean_over_combinations, to_nnunet_labels)
+from nnunet_kd.evaluation.modes import (check_mode, lesionwise_pairs, require_official_package, resolve_cohort,
+                                       write_lesionwise_table)
 from nnunet_kd.evaluation.plots import plot_heatmap
 from nnunet_kd.evaluation.tables import write_region_table
 from nnunet_kd.inference.inputs import FilesByChannel, PredictionError, find_cases
@@ -132,7 +137,14 @@ def write_outputs(results: Mapping, output_folder: str, plots: bool = True) -> L
     """JSON, CSV and (if ``plots``) the Dice and HD95 heat maps; returns the paths written."""
     stem = os.path.join(output_folder, OUTPUT_STEM)
     atomic_write_json(results, stem + ".json")
-    written = [stem + ".json", write_combinations_csv(results, stem + ".csv")]
+    written = [stem + ".json"]
+    combos = results["combinations"]
+    if any("lesionwise" in e for e in combos.values()):
+        written.append(write_lesionwise_table(stem + "_lesionwise.csv", "combination",
+                                              [(c, e["lesionwise"]["mean"]) for c, e in combos.items()]))
+    if "mean_over_combinations" not in results:  # lesion-wise only
+        return written
+    written.append(write_combinations_csv(results, stem + ".csv"))
     if plots:
         written.append(plot_heatmap(results, "dice", stem + "_dice.png"))
         written.append(plot_heatmap(results, "hd95", stem + "_hd95.png"))
@@ -190,6 +202,8 @@ def evaluate_missing_modalities(
     progress: bool = True,
     verbose: bool = False,
     predictor=None,
+    metrics: str = "legacy",
+    cohort: Optional[str] = None,
 ) -> Dict:
     """Predict and score every non-empty modality combination; returns the ``missing_modalities.json`` content.
 
@@ -198,11 +212,15 @@ def evaluate_missing_modalities(
     min(4, CPUs)); ``num_processes_export``: nnU-Net's segmentation export processes.
     ``combinations``: restrict to these names (e.g. ``["T1ce+FLAIR"]``), default all.
     The network is loaded once (or pass ``predictor`` from :func:`nnunet_kd.inference.models.load_predictor`).
+    ``metrics`` / ``cohort``: as in :func:`nnunet_kd.evaluation.modes.evaluate_with_metrics`.
     Raises PredictionError / EvaluationError on bad input.
     """
     from tqdm import tqdm
 
     label_mapping(labels)  # unknown convention -> EvaluationError before any work
+    official = resolve_cohort(cohort, labels_folder) if check_mode(metrics) != "legacy" else None
+    if official is not None:
+        require_official_package()
     dataset_json, folds = model_dataset_json(model_folder, folds, checkpoint_name, predictor)
     channel_names = channel_names_of(dataset_json)
     file_ending = dataset_json["file_ending"]
@@ -218,21 +236,26 @@ def evaluate_missing_modalities(
     _predict_combinations(predictor, cases, combos, folders, num_processes_export, num_processes_preprocessing,
                           progress, verbose)
 
-    ref_nnunet = _references_in_nnunet_labels(refs, labels, os.path.join(output_folder, "references_nnunet"))
+    legacy = metrics != "lesionwise"
+    if legacy:
+        ref_nnunet = _references_in_nnunet_labels(refs, labels, os.path.join(output_folder, "references_nnunet"))
     results_by_combo: Dict[str, Dict] = {}
     n_eval = default_num_processes() if num_processes is None else int(num_processes)
     for name, channels in tqdm(combos, desc="evaluating", unit="combination", disable=not progress):
-        pairs = {case: (os.path.join(folders[name], case + file_ending), ref_nnunet[case]) for case in refs}
-        case_metrics = evaluate_pairs(pairs, labels="nnunet", num_processes=n_eval, progress=False)
-        results_by_combo[name] = {
-            "modalities": [display_name(channel_names[c]) for c in channels],
-            "channels": list(channels),
-            "mean": mean_metrics(case_metrics),
-            "cases": case_metrics,
-        }
+        entry: Dict = {"modalities": [display_name(channel_names[c]) for c in channels], "channels": list(channels)}
+        predictions = {case: os.path.join(folders[name], case + file_ending) for case in refs}
+        if legacy:
+            pairs = {case: (predictions[case], ref_nnunet[case]) for case in refs}
+            case_metrics = evaluate_pairs(pairs, labels="nnunet", num_processes=n_eval, progress=False)
+            entry.update({"mean": mean_metrics(case_metrics), "cases": case_metrics})
+        if official is not None:
+            pairs = {case: (predictions[case], refs[case]) for case in refs}
+            entry["lesionwise"] = lesionwise_pairs(pairs, official, "nnunet", labels, n_eval)
+        results_by_combo[name] = entry
     results = {
         "combinations": results_by_combo,
-        "mean_over_combinations": mean_over_combinations(results_by_combo),
+        **({"mean_over_combinations": mean_over_combinations(results_by_combo)} if legacy else {}),
+        "metrics": metrics,
         "labels": labels,
         "num_cases": len(refs),
         "modalities": [display_name(channel_names[c]) for c in modality_order(channel_names)],
@@ -262,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combinations", nargs="+", metavar="COMBO",
                    help="evaluate only these combinations (e.g. T1ce+FLAIR); default all")
     p.add_argument("--no-plots", action="store_true", help="skip the heat maps")
+    p.add_argument("--metrics", default="legacy", choices=("legacy", "lesionwise", "both"),
+                   help="as nnunet_kd_evaluate: legacy (default), lesionwise (official package, "
+                        "pip install \"nnunet-kd[brats-eval]\") or both")
+    p.add_argument("--cohort", help="lesion-wise only: BraTS cohort key such as GLI-2024 (default: the "
+                                    "brats_cohort of the references' dataset.json, else GLI-2023)")
     return p
 
 
@@ -275,8 +303,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model_folder, args.i, args.r, args.o, folds=folds, checkpoint_name=args.chk, device=device_from_args(args),
         tile_step_size=args.step_size, use_mirroring=not args.disable_tta, labels=args.labels,
         num_processes=args.np, num_processes_export=args.nps, num_processes_preprocessing=args.npp,
-        combinations=args.combinations, plots=not args.no_plots, verbose=args.verbose,
+        combinations=args.combinations, plots=not args.no_plots, verbose=args.verbose, metrics=args.metrics,
+        cohort=args.cohort,
     )
+    if "mean_over_combinations" not in results:
+        for name, entry in results["combinations"].items():
+            print(name + ": " + ", ".join(f"{r} lesion-wise Dice {m['lesion_dice']:.3f}"
+                                          for r, m in entry["lesionwise"]["mean"].items()))
+        print(f"{results['num_cases']} cases; written {os.path.join(args.o, OUTPUT_STEM + '.json')}")
+        return 0
     width = max(len(n) for n in results["combinations"])
     print(f"{'combination':<{width}}  " + "  ".join(f"{r:>13}" for r in REGIONS))
     for name, entry in list(results["combinations"].items()) + [(MEAN_ROW, {"mean": results["mean_over_combinations"]})]:

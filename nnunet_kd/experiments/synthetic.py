@@ -183,6 +183,51 @@ _NAMES_2021 = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
 _NAMES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 
 
+_COHORT_TOKENS = {"T1": ("t1", "t1n"), "T1ce": ("t1ce", "t1c"), "T2": ("t2", "t2w"), "FLAIR": ("flair", "t2f")}
+
+
+def _add_fourth_label(nn: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """nnU-Net labels with a small label-4 blob (RC / CC) mirrored from the tumour about the volume centre."""
+    centre = np.array(nn.shape) - 1 - np.argwhere(nn > 0).mean(axis=0)
+    blob = (_ellipsoid_distance(nn.shape, centre, [max(2.0, min(nn.shape) / 10)] * 3) <= 1.0) & brain & (nn == 0)
+    blob[tuple(int(round(c)) for c in centre)] = nn[tuple(int(round(c)) for c in centre)] == 0
+    out = nn.copy()
+    out[blob] = 4
+    return out
+
+
+def _write_cohort_case(out_dir: str, index: int, cohort_key: str, arrays: Dict[str, np.ndarray],
+                       spacing: Sequence[float], with_seg: bool, file_ending: str) -> str:
+    """One case of a 2023+ cohort (conversion/cohorts.py): its case name, sequences and original labels.
+    Cohorts with a fourth label (RC, CC) get a label-4 blob; post-treatment cohorts (RC) timepoint 100."""
+    from nnunet_kd.conversion.cohorts import COHORTS, to_original
+
+    cohort = COHORTS[cohort_key]
+    nn = map_labels(arrays["seg"], RELEASE_TO_NNUNET["brats2021"])  # 1 ED, 2 NCR, 3 ET
+    if not cohort.uses_regions:
+        nn = (nn > 0).astype(np.uint8)  # one label: the whole tumour (MEN-RT GTV)
+    elif len(cohort.to_nnunet) > 4:
+        nn = _add_fourth_label(nn, arrays["brain"])
+    if cohort.prefix == "GoAT":
+        name = f"BraTS-GoAT-{index:05d}"
+    elif cohort.prefix == "MEN-RT":
+        name = f"BraTS-MEN-RT-{index:04d}-1"
+    else:
+        post_treatment = cohort.labels.get(4, ("",))[0] == "RC"
+        name = f"BraTS-{cohort.prefix}-{index:05d}-{100 if post_treatment else 0:03d}"
+    folder = os.path.join(out_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    for modality in cohort.modalities:
+        key, token = _COHORT_TOKENS[modality]
+        path = os.path.join(folder, f"{name}{cohort.separator}{token}{file_ending}")
+        _write(_to_image(arrays[key], spacing, np.int16), path)
+    if with_seg:
+        seg = to_original(nn, cohort).astype(np.uint8)
+        path = os.path.join(folder, f"{name}{cohort.separator}{cohort.seg_token}{file_ending}")
+        _write(_to_image(seg, spacing), path)
+    return folder
+
+
 def _case_seed(seed: int, index: int) -> int:
     """Independent, reproducible per-case seed derived from the dataset seed and the case index."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
@@ -221,6 +266,7 @@ def generate_dataset(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     file_ending: str = ".nii.gz",
     progress: bool = False,
+    cohort: str = "GLI-2023",
 ) -> List[str]:
     """Write ``num_cases`` training cases (with segmentation) in the folder layout of a release.
 
@@ -232,7 +278,9 @@ def generate_dataset(
     * ``brats2020``: ``BraTS20_Training_XXX/...``; test cases ``BraTS20_Validation_XXX`` without seg.
       Like the real release, case 355's segmentation is named ``W39_1998.09.19_Segm`` + file_ending.
     * ``brats2021``: ``BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}``.
-    * ``brats2023``: ``BraTS-GLI-XXXXX-000/BraTS-GLI-XXXXX-000-{t1n,t1c,t2w,t2f,seg}``, labels 0/1/2/3.
+    * ``brats2023``: ``BraTS-GLI-XXXXX-000/BraTS-GLI-XXXXX-000-{t1n,t1c,t2w,t2f,seg}``, labels 0/1/2/3;
+      another ``cohort`` (a key of conversion/cohorts.COHORTS, e.g. ``GLI-2024``, ``PED-2024``,
+      ``MEN-RT-2024``) writes that cohort's case names, sequences and original labels.
     * ``msd``: ``Task01_BrainTumour/{imagesTr,labelsTr,imagesTs}/BRATS_XXX.nii.gz``, 4D images
       (FLAIR, T1w, T1gd, T2w, float32), labels 1 edema / 2 non-enhancing / 3 enhancing, dataset.json.
 
@@ -279,6 +327,8 @@ def generate_dataset(
             prefix = f"BraTS2021_{index:05d}"
             written.append(_write_case_folder(os.path.join(out_dir, prefix), prefix, arrays, spacing, _NAMES_2021,
                                               "_", with_seg, "brats2021", file_ending))
+        elif layout == "brats2023" and cohort != "GLI-2023":
+            written.append(_write_cohort_case(out_dir, index, cohort, arrays, spacing, with_seg, file_ending))
         elif layout == "brats2023":
             prefix = f"BraTS-GLI-{index:05d}-000"
             written.append(_write_case_folder(os.path.join(out_dir, prefix), prefix, arrays, spacing, _NAMES_2023,

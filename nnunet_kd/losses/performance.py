@@ -13,11 +13,23 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["whole_tumour_stats", "performance_weights", "PerformanceTracker"]
+__all__ = ["whole_tumour_channel", "whole_tumour_stats", "performance_weights", "PerformanceTracker"]
+
+
+def whole_tumour_channel(regions: Optional[Sequence[Any]]) -> int:
+    """Output channel of the whole tumour: the region with the most labels, 0 without regions.
+
+    In every BraTS cohort the whole tumour holds every tumour label, and the only region beside it that
+    is not inside it is a resection cavity (one label), e.g. (1, 2, 3), (2, 3), (3,), (4,) -> 0.
+    """
+    if not regions:
+        return 0
+    return max(range(len(regions)), key=lambda i: len(np.atleast_1d(regions[i])))
 
 
 @torch.no_grad()

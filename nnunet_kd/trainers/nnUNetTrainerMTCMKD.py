@@ -27,7 +27,7 @@ from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import dataset_modalities
 from nnunet_kd.losses.cdsfl import CDSFL
 from nnunet_kd.losses.mtcmkd_student import STUDENT_TERMS, ResponseKD, student_loss_terms
-from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_stats
+from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_channel, whole_tumour_stats
 from nnunet_kd.training.budget import apply_budget_overrides
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
 from nnunet_kd.training.gradient_shares import GradientShareMeter, allow_retained_compiled_graphs
@@ -241,11 +241,9 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         return {"loss": student_loss.detach().cpu().numpy(), "teacher_loss": teacher_loss.detach().cpu().numpy()}
 
     def _wt_channel(self) -> int:
-        """Output channel of the whole-tumour region (the region that contains every foreground label)."""
-        if not self.label_manager.has_regions:
-            return 0
-        regions = [tuple(np.atleast_1d(r)) for r in self.label_manager.foreground_regions]
-        return int(np.argmax([len(r) for r in regions]))
+        """Output channel of the whole-tumour region (see losses.performance.whole_tumour_channel)."""
+        lm = self.label_manager
+        return whole_tumour_channel(lm.foreground_regions if lm.has_regions else None)
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)

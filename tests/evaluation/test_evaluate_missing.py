@@ -194,3 +194,31 @@ def test_write_csv_and_heatmap_without_model(tmp_path):
     png = plot_heatmap(results, "dice", str(tmp_path / "t.png"))
     with open(png, "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
+
+
+def test_lesionwise_metrics_per_combination(missing_modality_model, eval_inputs, evaluated, tmp_path, evaluate_cli):
+    """--metrics both: the official package's global Dice equals the legacy Dice of the same predictions."""
+    from nnunet_kd.evaluation import lesionwise
+
+    if not lesionwise.is_available():
+        pytest.skip(f"official BraTS evaluation package not installed ({lesionwise.INSTALL_HINT})")
+    images, labels, cases = eval_inputs
+    out = str(tmp_path / "out")
+    args = ["-m", missing_modality_model.model_folder, "-i", images, "-r", labels, "-o", out,
+            "--combinations", "T1ce", "T1ce+FLAIR", "--no-plots", "--metrics", "both", *COMMON]
+    proc = evaluate_cli(missing_modality_model, args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(out, "missing_modalities.json")) as f:
+        results = json.load(f)
+    assert results["metrics"] == "both"
+    for combo, entry in results["combinations"].items():
+        assert entry["lesionwise"]["cohort"] == "GLI-2023"
+        for case in cases:
+            for region in REGIONS:
+                official = entry["lesionwise"]["cases"][case][region]["global_dice"]
+                legacy = entry["cases"][case][region]["dice"]
+                if not np.isnan(official):  # NaN: empty in both (legacy Dice 1)
+                    assert official == pytest.approx(legacy, abs=1e-12), (combo, case, region)
+    with open(os.path.join(out, "missing_modalities_lesionwise.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["combination"], r["region"]) for r in rows] == [(c, r) for c in ("T1ce", "T1ce+FLAIR") for r in REGIONS]

@@ -311,3 +311,19 @@ def test_cdsfl_wrong_number_of_features():
     fusion = CDSFLFusion([8, 8, 8], num_outputs=3)
     with pytest.raises(ValueError, match="3 teachers"):
         fusion([torch.randn(1, 8, 2, 2, 2)] * 2)
+
+
+def test_whole_tumour_channel_beside_a_resection_cavity():
+    """WT is the region with the most labels wherever it stands; RC (one label) never wins."""
+    from nnunet_kd.losses.performance import whole_tumour_channel
+
+    assert whole_tumour_channel([(1, 2, 3), (2, 3), (3,), (4,)]) == 0  # BraTS 2024+ GLI with RC
+    assert whole_tumour_channel([(4,), (3,), (2, 3), (1, 2, 3, 4)]) == 3
+    assert whole_tumour_channel([1, 2]) == 0 and whole_tumour_channel(None) == 0  # plain labels
+    # the stats follow the chosen channel: only channel 3 agrees with the target
+    target = torch.zeros(1, 4, 2, 2)
+    target[:, 3] = 1
+    logits = torch.full((1, 4, 2, 2), -5.0)
+    logits[:, 3] = 5.0
+    assert whole_tumour_stats(logits, target, True, whole_tumour_channel([(4,), (3,), (2, 3), (1, 2, 3, 4)])
+                              ).tolist() == [4.0, 0.0, 0.0]
