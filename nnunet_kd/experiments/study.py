@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence
 
 from nnunet_kd.atomic import atomic_write_json, atomic_write_text
 from nnunet_kd.cli import command
+from nnunet_kd.evaluation.metrics import EvaluationError
+from nnunet_kd.evaluation.modes import METRIC_MODES, require_official_package
 from nnunet_kd.experiments.datasets import convert_command, link_channels, planning_commands, plans_name_for
 from nnunet_kd.experiments.runner import (CommandFailed, budget_variables, command_path, default_device,
                                           nnunet_environment, python_module_command, run_command)
@@ -96,7 +98,7 @@ def _link_cases(folder: Path, cases: Sequence[Path]) -> None:
 
 def train_and_score(root: Path, model: StudyModel, settings: StudySettings, env: Dict[str, str]) -> None:
     """Train one model on one split, predict its held-out cases and score them (skipping what is done)."""
-    from nnunet_kd.evaluation.evaluate import evaluate_folders
+    from nnunet_kd.evaluation.modes import evaluate_with_metrics
 
     logs, slug, device = root / "logs", model.slug, settings.device
     dataset_id = str(DATASET_IDS[model.dataset])
@@ -117,12 +119,14 @@ def train_and_score(root: Path, model: StudyModel, settings: StudySettings, env:
             images = (_dataset_folder(env, "test_t1ce") if model.feed == "t1ce_file" else test) / "imagesTr"
             _step(f"predict_{slug}", [command_path("nnUNetv2_predict"), "-i", str(images), "-o", str(out),
                                       *select], env, logs)
-        evaluate_folders(str(test / "labelsTr"), str(out), str(scores_file(root, model)), num_processes=1,
-                         progress=False)
+        evaluate_with_metrics(str(test / "labelsTr"), str(out), str(scores_file(root, model)),
+                              metrics="legacy" if settings.metrics == "legacy" else "both", num_processes=1,
+                              progress=False, model=model.slug)
     if model.combinations and not combinations_file(root, model).exists():
         _step(f"combinations_{slug}", python_module_command(
             "nnunet_kd.evaluation.missing_modalities", "-i", str(test / "imagesTr"), "-r", str(test / "labelsTr"),
-            "-o", str(combinations_file(root, model).parent), "-np", "1", *select), env, logs)
+            "-o", str(combinations_file(root, model).parent), "-np", "1",
+            "--metrics", "legacy" if settings.metrics == "legacy" else "both", *select), env, logs)
 
 
 def _worker_environment(env: Dict[str, str], settings: StudySettings) -> Dict[str, str]:
@@ -199,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
                    "plans named nnUNetPlans_ZxYxXmm), e.g. 4 4 4 on a CPU")
     p.add_argument("--parallel", type=int, default=1, help="trainings at once (separate processes on the one "
                    "device, each with 1/N of the CPU workers); useful on a GPU")
+    p.add_argument("--metrics", choices=METRIC_MODES, default="legacy", help="legacy: BraTS 2018-2021 case-wise "
+                   "Dice and HD95 (default); lesionwise or both: also the official lesion-wise metrics in every "
+                   "scores file (needs the brats-eval extra); the paired differences use the legacy metrics")
     p.add_argument("--ablations", action="store_true", help="also train the ablation variants: "
                    + "; ".join(ABLATIONS))
     p.add_argument("--only", nargs="+", metavar="TRAINER_DATASET", help="train just these models (and the "
@@ -213,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@command(StudyError, CommandFailed)
+@command(StudyError, CommandFailed, EvaluationError)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``nnunet_kd_study``: parse the options, then run the study or report on earlier runs."""
     p = _parser()
@@ -235,8 +242,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cases=args.cases, test_cases=args.test_cases, shape=tuple(args.shape), epochs=args.epochs,
         iterations=args.iterations, device=args.device or default_device(), real_brats=args.real_brats,
         folds=args.folds, target_spacing=None if args.target_spacing is None else tuple(args.target_spacing),
-        num_processes=args.num_processes, parallel=args.parallel, ablations=args.ablations,
+        num_processes=args.num_processes, parallel=args.parallel, metrics=args.metrics, ablations=args.ablations,
         only=None if args.only is None else tuple(args.only))
+    if args.metrics != "legacy":
+        require_official_package()  # before any training
     if args.collect:
         collect_report(args.collect, args.workdir, settings, args.markdown, args.seeds)
         return 0

@@ -85,6 +85,9 @@ class StudySettings:
     target_spacing: Optional[Tuple[float, float, float]] = None
     num_processes: int = 2
     parallel: int = 1
+    #: ``legacy``, or ``lesionwise`` / ``both`` to add the official lesion-wise metrics to every scores file
+    #: (the legacy ones are always computed: the paired differences use them).
+    metrics: str = "legacy"
     ablations: bool = False
     only: Optional[Tuple[str, ...]] = None
 

@@ -31,7 +31,7 @@ def test_study_on_synthetic_data_resume_and_collect(tmp_path, bin_path, nnunet_e
     work = tmp_path / "study"
     study = [bin_path("python"), "-m", "nnunet_kd.experiments.study"]
     run_cmd(study + ["--toy", "--seeds", "0", "--workdir", str(work), "--device", "cpu", "-np", "1",
-                     "--only", "nnUNetTrainerModalityDropout_full"], env, timeout=1500)
+                     "--only", "nnUNetTrainerModalityDropout_full", "--metrics", "both"], env, timeout=1500)
     result = json.loads((work / "study.json").read_text())
     summary = result["summary"]
     assert list(summary["models"]) == [BASELINE, "modality dropout fed T1ce alone"]
@@ -39,6 +39,9 @@ def test_study_on_synthetic_data_resume_and_collect(tmp_path, bin_path, nnunet_e
         assert entry["n"] == 1 and all(0 <= entry["mean"][r]["dice"] <= 1 for r in ("WT", "TC", "ET"))
     assert len(summary["combinations"]["modality dropout fed T1ce alone"]) == 15
     assert list(summary["paired"]) == ["modality dropout fed T1ce alone"]
+    # --metrics both: the official lesion-wise metrics beside the legacy ones in every scores file
+    scored = json.loads((work / "seed0" / "scores_nnUNetTrainerBudget_t1ce.json").read_text())
+    assert scored["metrics"] == "both" and scored["lesionwise"] and scored["cases"]
     assert (work / "study_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "modality dropout over all 15 modality combinations" in (work / "study.md").read_text()
 
