@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
 
 TRAINER = "nnUNetTrainerMTCMKD"
 #: A cross-validation fold (4 training cases, 1 validation case), so find_best_configuration can use it.
@@ -47,7 +48,8 @@ def test_checkpoint_holds_student_teachers_and_kd_state(mtcmkd_model):
     assert len(state["teacher_weights"]) == 3 and state["cdsfl_weights"]
     assert state["teacher_optimizer_state"]["state"]
     assert [h["epoch"] for h in state["kd_history"]] == [0, 1]
-    assert float(state["performance_weights"].sum()) == pytest.approx(0.15)
+    # the performance-aware weights are normalised to the trainer's KD total
+    assert float(state["performance_weights"].sum()) == pytest.approx(nnUNetTrainerMTCMKD.kd_total_weight)
     assert (mtcmkd_model / f"fold_{FOLD}" / "validation" / "summary.json").is_file()
 
 
