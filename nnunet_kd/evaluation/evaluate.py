@@ -29,8 +29,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.cli import command
-from nnunet_kd.evaluation.metrics import (LABEL_CONVENTIONS, CaseMetrics, EvaluationError, label_mapping,
-                                          mean_metrics, region_metrics, to_nnunet_labels)
+from nnunet_kd.evaluation.metrics import (LABEL_CONVENTIONS, CaseMetrics, EvaluationError, add_metrics_arguments,
+                                          label_mapping, mean_metrics, region_metrics, to_nnunet_labels)
 from nnunet_kd.evaluation.plots import plot_region_boxplots
 from nnunet_kd.evaluation.tables import write_region_table
 from nnunet_kd.nifti import NiftiError, grid_mismatch, read_image
@@ -96,7 +96,7 @@ def read_segmentation(path: str):
     return image, array
 
 
-def _check_geometry(case: str, pred_file: str, ref_file: str, pred, ref) -> None:
+def check_geometry(case: str, pred_file: str, ref_file: str, pred, ref) -> None:
     """``pred`` and ``ref`` are ``(image, array)``; EvaluationError unless they share the voxel grid."""
     if pred[1].shape != ref[1].shape:
         raise EvaluationError(
@@ -120,7 +120,7 @@ def evaluate_case(pred_file: str, ref_file: str, labels: str = "nnunet") -> Case
     label_mapping(labels)
     ref = read_segmentation(ref_file)
     pred = read_segmentation(pred_file)
-    _check_geometry(case_name(ref_file), pred_file, ref_file, pred, ref)
+    check_geometry(case_name(ref_file), pred_file, ref_file, pred, ref)
     spacing = tuple(float(s) for s in ref[0].GetSpacing())[::-1]  # array axis order
     ref_labels = to_nnunet_labels(ref[1], ref_file, labels)
     return region_metrics(to_nnunet_labels(pred[1], pred_file, labels), ref_labels, spacing)
@@ -230,11 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=default_num_processes(),
                    help="worker processes (default: min(4, CPUs))")
     p.add_argument("--no-plots", action="store_true", help="skip the box plots")
-    p.add_argument("--metrics", default="legacy", choices=("legacy", "lesionwise", "both"),
-                   help="legacy: BraTS 2018-2021 Dice/HD95 of WT, TC, ET (default); lesionwise: the official "
-                        "BraTS 2023+ metrics (needs pip install \"nnunet-kd[brats-eval]\"); both")
-    p.add_argument("--cohort", help="lesion-wise only: BraTS cohort key such as GLI-2024, PED-2024 (default: the "
-                                    "brats_cohort of the references' dataset.json, else GLI-2023)")
+    add_metrics_arguments(p)
     return p
 
 

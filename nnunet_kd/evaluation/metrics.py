@@ -11,6 +11,7 @@ Metric conventions (BraTS 2018-2021), per case and region:
 """
 from __future__ import annotations
 
+import argparse
 from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
@@ -136,3 +137,16 @@ def mean_metrics(cases: Mapping[str, CaseMetrics]) -> CaseMetrics:
 def mean_over_combinations(combinations: Mapping[str, Mapping]) -> CaseMetrics:
     """Per region and metric, the mean of the combinations' means (``{combo: {"mean": CaseMetrics}}``)."""
     return mean_metrics({name: entry["mean"] for name, entry in combinations.items()})
+
+
+#: ``--metrics`` choices: the legacy (2018-2021) case-wise metrics, the official lesion-wise ones, or both.
+METRIC_MODES: Tuple[str, ...] = ("legacy", "lesionwise", "both")
+
+
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics`` and ``--cohort``, the same in every command that scores segmentations."""
+    parser.add_argument("--metrics", default="legacy", choices=METRIC_MODES,
+                        help="legacy: BraTS 2018-2021 Dice/HD95 of WT, TC, ET (default); lesionwise: the official "
+                             "BraTS 2023+ metrics (needs pip install \"nnunet-kd[brats-eval]\"); both")
+    parser.add_argument("--cohort", help="lesion-wise only: BraTS cohort key such as GLI-2024, PED-2024 (default: "
+                                         "the brats_cohort of the references' dataset.json, else GLI-2023)")

@@ -35,8 +35,8 @@ from nnunet_kd.brats import (REGIONS, channel_names_of, display_name, modality_c
                              modality_order)
 from nnunet_kd.cli import command
 from nnunet_kd.evaluation.evaluate import default_num_processes, evaluate_pairs, list_cases, read_segmentation
-from nnunet_kd.evaluation.metrics import (LABEL_CONVENTIONS, EvaluationError, label_mapping, mean_metrics,
-                                          mean_over_combinations, to_nnunet_labels)
+from nnunet_kd.evaluation.metrics import (LABEL_CONVENTIONS, EvaluationError, add_metrics_arguments, label_mapping,
+                                          mean_metrics, mean_over_combinations, to_nnunet_labels)
 from nnunet_kd.evaluation.modes import (check_mode, lesionwise_pairs, require_official_package, resolve_cohort,
                                        write_lesionwise_table)
 from nnunet_kd.evaluation.plots import plot_heatmap
@@ -285,11 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combinations", nargs="+", metavar="COMBO",
                    help="evaluate only these combinations (e.g. T1ce+FLAIR); default all")
     p.add_argument("--no-plots", action="store_true", help="skip the heat maps")
-    p.add_argument("--metrics", default="legacy", choices=("legacy", "lesionwise", "both"),
-                   help="as nnunet_kd_evaluate: legacy (default), lesionwise (official package, "
-                        "pip install \"nnunet-kd[brats-eval]\") or both")
-    p.add_argument("--cohort", help="lesion-wise only: BraTS cohort key such as GLI-2024 (default: the "
-                                    "brats_cohort of the references' dataset.json, else GLI-2023)")
+    add_metrics_arguments(p)
     return p
 
 

@@ -20,11 +20,10 @@ from nnunet_kd.atomic import atomic_write_json, atomic_write_text
 from nnunet_kd.brats import RELEASE_TO_NNUNET
 from nnunet_kd.conversion.cohorts import COHORTS, Cohort
 from nnunet_kd.evaluation import lesionwise
-from nnunet_kd.evaluation.evaluate import (_check_geometry, default_num_processes, evaluate_pairs, match_cases,
+from nnunet_kd.evaluation.evaluate import (check_geometry, default_num_processes, evaluate_pairs, match_cases,
                                            output_stem, read_segmentation, write_results)
-from nnunet_kd.evaluation.metrics import EvaluationError, label_mapping, mean_metrics
+from nnunet_kd.evaluation.metrics import METRIC_MODES, EvaluationError, label_mapping, mean_metrics
 
-METRIC_MODES: Tuple[str, ...] = ("legacy", "lesionwise", "both")
 DEFAULT_COHORT = "GLI-2023"
 Pairs = Mapping[str, Tuple[str, str]]  # case -> (prediction file, reference file)
 
@@ -89,7 +88,7 @@ def _lesionwise_job(job) -> Dict:
     cohort = COHORTS[key]
     ref = read_segmentation(ref_file)
     pred = read_segmentation(pred_file)
-    _check_geometry(case, pred_file, ref_file, pred, ref)
+    check_geometry(case, pred_file, ref_file, pred, ref)
     spacing = tuple(float(s) for s in ref[0].GetSpacing())[::-1]  # array axis order
     try:
         return lesionwise.evaluate_case(to_cohort_labels(pred[1], pred_file, pred_labels, cohort),

@@ -35,7 +35,8 @@ from typing import Dict, List, Optional, Sequence
 from nnunet_kd.atomic import atomic_write_json, atomic_write_text
 from nnunet_kd.cli import command
 from nnunet_kd.evaluation.metrics import EvaluationError
-from nnunet_kd.evaluation.modes import METRIC_MODES, require_official_package
+from nnunet_kd.evaluation.metrics import METRIC_MODES
+from nnunet_kd.evaluation.modes import require_official_package
 from nnunet_kd.experiments.datasets import convert_command, link_channels, planning_commands, plans_name_for
 from nnunet_kd.experiments.runner import (CommandFailed, budget_variables, command_path, default_device,
                                           nnunet_environment, python_module_command, run_command)
