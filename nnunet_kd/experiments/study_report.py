@@ -44,11 +44,11 @@ def collect_split(root: Path, models: Mapping[str, StudyModel]) -> dict:
     return out
 
 
-def _pooled(per_split: Mapping[str, dict], group: str, name: str) -> Optional[dict]:
-    """The cases of every split (``split/case``), or None unless every split has them."""
-    if not all(name in split[group] for split in per_split.values()):
+def _pooled(tables: Mapping[str, Optional[Mapping]]) -> Optional[dict]:
+    """One table of per-case scores from each split's (``split/case``), or None unless every split has one."""
+    if any(table is None for table in tables.values()):
         return None
-    return {f"{s}/{case}": v for s, split in per_split.items() for case, v in split[group][name].items()}
+    return {f"{s}/{case}": v for s, table in tables.items() for case, v in table.items()}
 
 
 def _spread(cases: Mapping[str, Mapping]) -> dict:
@@ -65,7 +65,7 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
     summary: dict = {"models": {}, "paired": {}, "combinations": {}, "incomplete": {}}
     pooled = {}
     for name in models:
-        cases = _pooled(per_split, "models", name)
+        cases = _pooled({s: split["models"].get(name) for s, split in per_split.items()})
         if cases is None:
             summary["incomplete"][name] = sum(name in s["models"] for s in per_split.values())
             continue
@@ -75,10 +75,9 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
         summary["paired"] = {name: paired_difference(cases, pooled[BASELINE])
                              for name, cases in pooled.items() if name != BASELINE}
     for name, model in models.items():
-        combos = {} if not model.combinations else {
-            combo: _pooled({s: {"c": split["combinations"].get(name, {})} for s, split in per_split.items()}, "c",
-                           combo)
-            for combo in next(iter(per_split.values()))["combinations"].get(name, {})}
+        names = next(iter(per_split.values()))["combinations"].get(name, {}) if model.combinations else {}
+        combos = {combo: _pooled({s: split["combinations"].get(name, {}).get(combo) for s, split in per_split.items()})
+                  for combo in names}
         if combos and all(v is not None for v in combos.values()):
             summary["combinations"][name] = {combo: mean_metrics(cases) for combo, cases in combos.items()}
     return summary

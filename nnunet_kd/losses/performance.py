@@ -15,8 +15,9 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from nnunet_kd.training.distributed import sum_over_ranks
 
 __all__ = ["whole_tumour_channel", "whole_tumour_stats", "performance_weights", "PerformanceTracker"]
 
@@ -138,16 +139,7 @@ class PerformanceTracker:
         epoch (calling it twice would count the other ranks' stats twice). For NCCL the
         tensor travels through the current CUDA device; for gloo it stays on CPU.
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        backend = dist.get_backend(group)
-        if str(backend).lower() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        buf = self.stats.to(device).contiguous()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        self.stats = buf.to(device="cpu", dtype=torch.float64)
+        self.stats = sum_over_ranks(self.stats, group).to(torch.float64)
 
     def state_dict(self) -> Dict[str, Any]:
         """Checkpointable state (CPU tensors / ints only)."""

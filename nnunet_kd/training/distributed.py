@@ -10,6 +10,21 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def sum_over_ranks(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """``tensor`` summed over all ranks (a new CPU tensor of the same dtype; ``tensor`` itself outside DDP).
+
+    The all-reduce runs on the device the backend needs (CUDA for NCCL, else CPU), so callers can keep
+    their statistics on the CPU.
+    """
+    if not is_distributed():
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if str(dist.get_backend(group)).lower() == "nccl" \
+        else torch.device("cpu")
+    buffer = tensor.to(device).contiguous()
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer.to(device="cpu", dtype=tensor.dtype)
+
+
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
     """Make parameters and buffers of ``module`` identical on all ranks (copied from rank ``src``)."""
     if not is_distributed():

@@ -9,7 +9,8 @@ from typing import Dict, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch import distributed as dist
+
+from nnunet_kd.training.distributed import sum_over_ranks
 
 
 def allow_retained_compiled_graphs() -> None:
@@ -39,8 +40,8 @@ def gradient_norms(terms: Mapping[str, Tensor], outputs: Sequence[Tensor], scale
             norms[name] = 0.0
             continue
         grads = torch.autograd.grad(term * scale, list(outputs), retain_graph=True, allow_unused=True)
-        squared = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
-        norms[name] = squared ** 0.5 / scale
+        squared = sum(g.detach().float().pow(2).sum() for g in grads if g is not None)
+        norms[name] = float(squared) ** 0.5 / scale  # one device sync per term
     return norms
 
 
@@ -73,13 +74,7 @@ class GradientShareMeter:
 
     def summary(self) -> Dict[str, Dict[str, float]]:
         """``{"norm": {name: mean norm}, "share": {name: share}}`` over the steps since ``reset``."""
-        stats = torch.cat([self._sums, torch.tensor([float(self._count)], dtype=torch.float64)])
-        if dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) \
-                if dist.get_backend() == "nccl" else torch.device("cpu")
-            stats = stats.to(device)
-            dist.all_reduce(stats)
-            stats = stats.cpu()
+        stats = sum_over_ranks(torch.cat([self._sums, torch.tensor([float(self._count)], dtype=torch.float64)]))
         count = max(float(stats[-1]), 1.0)
         means = stats[:-1] / count
         total = float(means.sum())
