@@ -1,5 +1,5 @@
-"""The evaluation's figures: per-region box plots of a folder's scores, and the heat map of the
-missing-modality table (combinations x regions)."""
+"""The figures: per-region box plots of a folder's scores, the heat map of the missing-modality table
+(combinations x regions), and the study's paired differences, model means and gradient shares."""
 from __future__ import annotations
 
 import os
@@ -148,4 +148,32 @@ def plot_model_means(models: Mapping[str, Mapping], path: str) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_gradient_shares(shares: Mapping[str, Mapping], path: str) -> str:
+    """Per distillation model (one panel each), every loss term's share of the gradient over the epochs:
+    the mean over splits as a line, lowest to highest as a band.
+
+    ``shares``: ``{model: {"measured_at": str, "splits": n, "terms": {term: {"mean", "low", "high": [epoch]}}}}``
+    as :func:`nnunet_kd.experiments.study_report.mean_gradient_shares` returns.
+    """
+    models = list(shares)
+    fig = _new_figure((4.2 * max(1, len(models)), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(models)), sharey=True))
+    for ax, model in zip(axes, models):
+        entry = shares[model]
+        for i, (term, v) in enumerate(entry["terms"].items()):
+            epochs = np.arange(len(v["mean"]))
+            ax.plot(epochs, v["mean"], marker="o", markersize=3, color=f"C{i}", label=term)
+            ax.fill_between(epochs, v["low"], v["high"], color=f"C{i}", alpha=0.2)
+        ax.set_title(f"{model}\n(at the {entry['measured_at']}, {entry['splits']} splits)", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("share of the gradient norm")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
     return path

@@ -174,7 +174,8 @@ def run_study(workdir: str, splits: Sequence[int], settings: StudySettings, resu
                                _worker_environment(envs[split], settings)) for split, model in jobs]
         for future in futures:
             future.result()
-    per_split = {root.name: collect_split(root, settings.models()) for root in roots.values()}
+    plans = plans_name_for(settings.target_spacing)
+    per_split = {root.name: collect_split(root, settings.models(), plans) for root in roots.values()}
     return write_report(work, per_split, settings, time.time() - start, markdown)
 
 

@@ -16,7 +16,8 @@ from nnunet_kd.atomic import atomic_write_json, atomic_write_text
 from nnunet_kd.brats import REGIONS
 from nnunet_kd.evaluation.metrics import METRICS, mean_metrics
 from nnunet_kd.evaluation.paired import paired_difference, verdict
-from nnunet_kd.experiments.study_design import BASELINE, StudyError, StudyModel, StudySettings
+from nnunet_kd.experiments.datasets import plans_name_for
+from nnunet_kd.experiments.study_design import BASELINE, DATASET_IDS, StudyError, StudyModel, StudySettings
 
 
 def scores_file(root: Path, model: StudyModel) -> Path:
@@ -29,18 +30,34 @@ def combinations_file(root: Path, model: StudyModel) -> Path:
     return root / f"combinations_{model.slug}" / "missing_modalities.json"
 
 
-def collect_split(root: Path, models: Mapping[str, StudyModel]) -> dict:
-    """Per-case scores of the models (and combination tables) a split has finished so far.
+def distillation_log_file(root: Path, model: StudyModel, plans: str) -> Optional[Path]:
+    """A split's per-epoch log of a distillation trainer's loss terms (``distillation_log.json``), if it has one."""
+    found = sorted((root / "results").glob(f"Dataset{DATASET_IDS[model.dataset]}_*/{model.trainer}__{plans}__"
+                                           "3d_fullres/fold_all/distillation_log.json"))
+    return found[0] if found else None
 
-    Returns ``{"models": {name: {case: metrics}}, "combinations": {name: {combination: {case: metrics}}}}``.
+
+def collect_split(root: Path, models: Mapping[str, StudyModel], plans: str) -> dict:
+    """Per-case scores of the models (and combination tables) a split has finished so far, and the
+    distillation trainers' per-epoch gradient shares (``plans``: the plans name the models trained with).
+
+    Returns ``{"models": {name: {case: metrics}}, "combinations": {name: {combination: {case: metrics}}},
+    "gradient_shares": {name: {"measured_at": str, "epochs": [{term: share}]}}}``.
     """
-    out: dict = {"models": {}, "combinations": {}}
+    out: dict = {"models": {}, "combinations": {}, "gradient_shares": {}}
     for name, model in models.items():
         if scores_file(root, model).exists():
             out["models"][name] = json.loads(scores_file(root, model).read_text())["cases"]
         if model.combinations and combinations_file(root, model).exists():
             table = json.loads(combinations_file(root, model).read_text())["combinations"]
             out["combinations"][name] = {combo: entry["cases"] for combo, entry in table.items()}
+        log = distillation_log_file(root, model, plans) if name in out["models"] else None
+        if log is not None:
+            epochs = json.loads(log.read_text())
+            out["gradient_shares"][name] = {
+                # MTCM-KD measures at the student's logits; MGSD says where it measured
+                "measured_at": epochs[0].get("gradient_measured_at", "logits") if epochs else "logits",
+                "epochs": [e["gradient_share"] for e in epochs if "gradient_share" in e]}
     return out
 
 
@@ -49,6 +66,18 @@ def _pooled(tables: Mapping[str, Optional[Mapping]]) -> Optional[dict]:
     if any(table is None for table in tables.values()):
         return None
     return {f"{s}/{case}": v for s, table in tables.items() for case, v in table.items()}
+
+
+def mean_gradient_shares(logs: Sequence[Mapping]) -> dict:
+    """Each term's gradient share per epoch over splits: mean, lowest and highest, for the epochs that
+    every split logged. ``logs``: one ``collect_split`` gradient-share entry per split."""
+    epochs = min(len(log["epochs"]) for log in logs)
+    terms = list(logs[0]["epochs"][0]) if epochs else []
+    shares = {t: np.array([[log["epochs"][e][t] for e in range(epochs)] for log in logs], dtype=float)
+              for t in terms}
+    return {"measured_at": logs[0]["measured_at"], "splits": len(logs),
+            "terms": {t: {"mean": v.mean(axis=0).tolist(), "low": v.min(axis=0).tolist(),
+                          "high": v.max(axis=0).tolist()} for t, v in shares.items()}}
 
 
 def _spread(cases: Mapping[str, Mapping]) -> dict:
@@ -62,7 +91,8 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
 
     Models that have not finished every split are listed under ``incomplete``.
     """
-    summary: dict = {"models": {}, "paired": {}, "combinations": {}, "incomplete": {}}
+    summary: dict = {"models": {}, "per_split": {}, "paired": {}, "combinations": {}, "gradient_shares": {},
+                     "incomplete": {}}
     pooled = {}
     for name in models:
         cases = _pooled({s: split["models"].get(name) for s, split in per_split.items()})
@@ -71,6 +101,10 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
             continue
         pooled[name] = cases
         summary["models"][name] = {"n": len(cases), "mean": mean_metrics(cases), "sd": _spread(cases)}
+        summary["per_split"][name] = {s: mean_metrics(split["models"][name]) for s, split in per_split.items()}
+        logs = [split.get("gradient_shares", {}).get(name) for split in per_split.values()]
+        if all(logs):
+            summary["gradient_shares"][name] = mean_gradient_shares(logs)
     if BASELINE in pooled:
         summary["paired"] = {name: paired_difference(cases, pooled[BASELINE])
                              for name, cases in pooled.items() if name != BASELINE}
@@ -107,6 +141,28 @@ def paired_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def per_split_table(per_split: Mapping[str, Mapping[str, Mapping]]) -> str:
+    """Each model's mean Dice per split (WT / TC / ET, %)."""
+    splits = list(next(iter(per_split.values()))) if per_split else []
+    lines = ["| model | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
+    for name, means in per_split.items():
+        lines.append(f"| {name} | " + " | ".join(
+            " / ".join(f"{100 * means[s][r]['dice']:.1f}" for r in REGIONS) for s in splits) + " |")
+    return "\n".join(lines)
+
+
+def gradient_shares_table(shares: Mapping[str, Mapping]) -> str:
+    """Each distillation model's term shares of the gradient per epoch (mean over splits)."""
+    epochs = max((len(t["mean"]) for entry in shares.values() for t in entry["terms"].values()), default=0)
+    lines = ["| model (measured at) | term | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " |",
+             "| --- | --- |" + " --- |" * epochs]
+    for name, entry in shares.items():
+        for term, v in entry["terms"].items():
+            cells = [f"{x:.2f}" for x in v["mean"]] + [""] * (epochs - len(v["mean"]))
+            lines.append(f"| {name} ({entry['measured_at']}) | {term} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def combinations_table(means: Mapping[str, Mapping]) -> str:
     lines = ["| available modalities | WT Dice | TC Dice | ET Dice | WT HD95 | TC HD95 | ET HD95 |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -132,7 +188,7 @@ def source_commit() -> str:
 def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySettings, wall_time_s: float,
                  markdown: Optional[str] = None) -> dict:
     """study.json, study.md (and ``markdown``), study_dice.png, study_paired.png from the splits' scores."""
-    from nnunet_kd.evaluation.plots import plot_model_means, plot_paired_differences
+    from nnunet_kd.evaluation.plots import plot_gradient_shares, plot_model_means, plot_paired_differences
 
     s = settings
     summary = summarise(per_split, s.models())
@@ -146,6 +202,8 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
     plot_model_means(summary["models"], str(work / "study_dice.png"))
     if summary["paired"]:
         plot_paired_differences(summary["paired"], BASELINE, str(work / "study_paired.png"))
+    if summary["gradient_shares"]:
+        plot_gradient_shares(summary["gradient_shares"], str(work / "study_gradient_shares.png"))
     splits = ", ".join(per_split)
     if s.real_brats:
         data = (f"real cases in `{s.real_brats}`, {s.folds} folds (each case is a test case once); splits run: "
@@ -164,6 +222,12 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
         md += (f"\nPaired per-case differences to {BASELINE} (95% bootstrap CI of the mean difference, "
                "Wilcoxon signed-rank p; better = cases in which the model is better):\n\n"
                + paired_table(summary) + "\n")
+    if len(per_split) > 1:
+        md += "\nMean Dice per split (WT / TC / ET, %):\n\n" + per_split_table(summary["per_split"]) + "\n"
+    if summary["gradient_shares"]:
+        md += ("\nEach loss term's share of the gradient per epoch, mean over splits (the trainers' "
+               "distillation_log.json; range in study.json and study_gradient_shares.png):\n\n"
+               + gradient_shares_table(summary["gradient_shares"]) + "\n")
     for name, means in summary["combinations"].items():
         md += f"\n{name.replace(' fed T1ce alone', '')} over all 15 modality combinations:\n\n" \
               + combinations_table(means) + "\n"
@@ -187,7 +251,8 @@ def collect_report(workdirs: Sequence[str], workdir: str, settings: StudySetting
                                     if d.is_dir() and (names is None or d.name in names))
     if not split_dirs:
         raise StudyError(f"no seedN or foldN folders in {' '.join(workdirs)}")
-    per_split: Dict[str, dict] = {d.name: collect_split(d, settings.models()) for d in split_dirs}
+    plans = plans_name_for(settings.target_spacing)
+    per_split: Dict[str, dict] = {d.name: collect_split(d, settings.models(), plans) for d in split_dirs}
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     return write_report(work, per_split, settings, float("nan"), markdown)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from nnunet_kd.experiments.study_design import BASELINE, MODELS, StudySettings
+from nnunet_kd.experiments.study_design import BASELINE, DATASET_IDS, MODELS, StudySettings
 from nnunet_kd.experiments.study_report import collect_report, combinations_file, scores_file
 
 DROPOUT = "modality dropout fed T1ce alone"
@@ -64,3 +64,39 @@ def test_report_on_some_splits_only(tmp_path):
     summary = collect_report([str(work)], str(tmp_path / "r"), settings, splits=[0])["summary"]
     assert summary["models"][BASELINE]["n"] == 1 and summary["models"][MTCMKD]["n"] == 1
     assert summary["paired"][MTCMKD]["WT"]["dice"]["mean"] == pytest.approx(0.1)
+
+
+def _write_distillation_log(root, model, plans, shares, measured_at=None):
+    folder = (root / "results" / f"Dataset{DATASET_IDS[model.dataset]}_BraTS" / f"{model.trainer}__{plans}__3d_fullres"
+              / "fold_all")
+    folder.mkdir(parents=True)
+    entries = [{"epoch": e, "gradient_share": s, **({"gradient_measured_at": measured_at} if measured_at else {})}
+               for e, s in enumerate(shares)]
+    (folder / "distillation_log.json").write_text(json.dumps(entries))
+
+
+def test_report_gives_per_split_means_and_gradient_shares(tmp_path):
+    work, plans = tmp_path / "study", "nnUNetPlans_4x4x4mm"
+    mgsd = "MGSD fed T1ce alone"
+    logs = {"fold0": [{"supervised": 1.0, "kd": 0.0}, {"supervised": 0.6, "kd": 0.4}, {"supervised": 0.5, "kd": 0.5}],
+            "fold1": [{"supervised": 1.0, "kd": 0.0}, {"supervised": 0.8, "kd": 0.2}]}  # one epoch fewer
+    for fold, dice in (("fold0", 0.2), ("fold1", 0.4)):
+        root = work / fold
+        _write_scores(scores_file(root, MODELS[BASELINE]), {f"{fold}_a": (dice, 3.0)})
+        _write_scores(scores_file(root, MODELS[MTCMKD]), {f"{fold}_a": (dice / 2, 4.0)})
+        _write_distillation_log(root, MODELS[MTCMKD], plans, logs[fold])
+        _write_distillation_log(root, MODELS[mgsd], plans, logs[fold], "parameters")  # no scores: not reported
+    settings = StudySettings(real_brats="cases", folds=2, target_spacing=(4.0, 4.0, 4.0))
+    result = collect_report([str(work)], str(tmp_path / "r"), settings)
+    summary = result["summary"]
+    assert summary["per_split"][MTCMKD]["fold1"]["WT"]["dice"] == pytest.approx(0.2)
+    assert list(summary["gradient_shares"]) == [MTCMKD]
+    shares = summary["gradient_shares"][MTCMKD]
+    assert shares["measured_at"] == "logits" and shares["splits"] == 2
+    assert shares["terms"]["kd"]["mean"] == pytest.approx([0.0, 0.3])  # the epochs both splits logged
+    assert shares["terms"]["kd"]["low"] == pytest.approx([0.0, 0.2])
+    assert shares["terms"]["kd"]["high"] == pytest.approx([0.0, 0.4])
+    md = (tmp_path / "r" / "study.md").read_text()
+    assert f"| {MTCMKD} | 10.0 / 10.0 / 10.0 | 20.0 / 20.0 / 20.0 |" in md
+    assert f"| {MTCMKD} (logits) | kd | 0.00 | 0.30 |" in md
+    assert (tmp_path / "r" / "study_gradient_shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
