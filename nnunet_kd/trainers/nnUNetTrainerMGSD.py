@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch import distributed as dist
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -29,7 +28,7 @@ from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttentio
                                    generator_adversarial_loss, sample_modality_masks, warmed_up_momentum)
 from nnunet_kd.training.budget import apply_budget_overrides
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
-from nnunet_kd.training.distributed import broadcast_module
+from nnunet_kd.training.distributed import broadcast_module, sum_over_ranks
 from nnunet_kd.training.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
 from nnunet_kd.training.gradient_shares import GradientShareMeter, allow_retained_compiled_graphs
 from nnunet_kd.training.model_folder import dataset_channels
@@ -130,7 +129,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.multiview = self.mutual_attention = None
         self.aux_optimizer = self.aux_lr_scheduler = None
         self.tap = None
-        self._term_sums: Dict[str, float] = {}
+        self._term_sums: Dict[str, torch.Tensor | float] = {}
         self.gradient_meter = GradientShareMeter(self.loss_term_names)
         self._epoch_step = 0
         self.distillation_log: List[dict] = []
@@ -260,18 +259,16 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.mutual_attention.update_target(momentum)
         self.ema_step += 1
         self._epoch_step += 1
-        for k, v in terms.items():
-            self._term_sums[k] = self._term_sums.get(k, 0.) + float(v.detach())
+        for k, v in terms.items():  # summed on the device: read once per epoch, not once per step
+            self._term_sums[k] = self._term_sums.get(k, 0.) + v.detach().float()
         self._term_sums["_n"] = self._term_sums.get("_n", 0.) + 1
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         names = sorted(k for k in self._term_sums if k != "_n")
-        sums = torch.tensor([self._term_sums[k] for k in names] + [self._term_sums.get("_n", 0.)],
-                            dtype=torch.float64, device=self.device)
-        if self.is_ddp:
-            dist.all_reduce(sums)
+        values = [torch.as_tensor(self._term_sums[k]).reshape(()).float().cpu() for k in names]
+        sums = sum_over_ranks(torch.stack(values + [torch.tensor(float(self._term_sums.get("_n", 0.)))]).double())
         means = {k: float(v) for k, v in zip(names, (sums[:-1] / sums[-1].clamp_min(1)).tolist())}
         gradients = self.gradient_meter.summary()  # reduced over ranks: every rank takes part
         self.print_to_log_file("MGSD loss terms (unweighted means): " +

@@ -111,7 +111,7 @@ def _train(rank: int, trainer_name: str, setup: dict) -> dict:
     outputs = [trainer.train_step(batch) for batch in setup["batches"][rank]]
     trainer.on_train_epoch_end(outputs)
     after = _digests(_modules(trainer))
-    history = getattr(trainer, "kd_history", None)
+    history = getattr(trainer, "kd_history", None) or getattr(trainer, "distillation_log", None)
     return {"before": before, "after": after, "losses": [float(o["loss"]) for o in outputs],
             "last_history": history[-1] if history else None}
 
@@ -177,3 +177,7 @@ def test_ranks_hold_identical_weights_after_train_steps(ddp_setup, trainer_name)
         assert r0["last_history"]["gradient_share"]["response_kd"] > 0
     if trainer_name == "nnUNetTrainerMGSD":
         assert {"ema_network", "aux_modules"} <= changed
+        # the logged loss-term means and gradient shares are taken over both ranks' steps
+        assert r0["last_history"]["loss_terms"] == r1["last_history"]["loss_terms"]
+        assert r0["last_history"]["gradient_share"] == r1["last_history"]["gradient_share"]
+        assert r0["last_history"]["loss_terms"]["modality"] > 0

@@ -75,7 +75,7 @@ def test_step_loss_is_the_weighted_sum_of_its_terms(brats_dataset, cls, modality
     t = load_trainer(brats_dataset, cls)
     t.on_train_epoch_start()
     out = t.train_step(synthetic_batch(t, seed=4))
-    terms = t._term_sums  # one step since the epoch started: the sums are this step's terms
+    terms = {k: float(v) for k, v in t._term_sums.items()}  # one step since the epoch started: this step's terms
     assert terms["_n"] == 1 and terms["modality"] > 0
     expected = (terms["supervised"] + 10 / 3 * terms["image"] + 50 / 3 * terms["feature"]
                 + modality_weight * terms["modality"])
