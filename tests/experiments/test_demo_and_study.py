@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nnunet_kd.experiments.study_design import BASELINE
 
 
@@ -109,5 +111,11 @@ def test_study_on_real_cases_in_folds_at_a_target_spacing(tmp_path, bin_path, nn
     paired = summary["paired"]["MTCM-KD student (T1ce)"]["WT"]["dice"]
     assert paired["n"] == 2 and paired["low"] <= paired["mean"] <= paired["high"]
     assert (work / "study_paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report finds each split's distillation_log.json: epoch 0 is the supervised loss alone
+    shares = summary["gradient_shares"]["MTCM-KD student (T1ce)"]
+    assert shares["splits"] == 2 and set(shares["terms"]) == {"supervised", "response_kd", "cdsfl_kd"}
+    assert shares["terms"]["supervised"]["mean"] == pytest.approx([1.0])
+    assert (work / "study_gradient_shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (work / "study.md").read_text()
     assert "Paired per-case differences" in md and "target spacing 6x6x6 mm" in md and "commit" in md
+    assert "Mean Dice per split" in md and "share of the gradient per epoch" in md
