@@ -51,6 +51,9 @@ MODELS: Dict[str, StudyModel] = {
     "MTCM-KD student, voxel-mean KD x T (earlier default)": StudyModel("nnUNetTrainerMTCMKD_VoxelMeanT1", "full",
                                                                         "t1ce_file"),
 }
+#: Further paired comparisons (model, against): MGSD is modality dropout plus self-distillation, so this pair
+#: isolates what the distillation adds (T1ce-fed, and in each of the 15 modality combinations).
+CONTRASTS: Tuple[Tuple[str, str], ...] = (("MGSD fed T1ce alone", "modality dropout fed T1ce alone"),)
 #: --ablations: further levers, on the same data and budget.
 ABLATIONS: Dict[str, StudyModel] = {
     "ablation: MTCM-KD, KD from epoch 0": StudyModel("nnUNetTrainerMTCMKD_KDFromStart", "full", "t1ce_file"),

@@ -17,7 +17,8 @@ from nnunet_kd.brats import REGIONS
 from nnunet_kd.evaluation.metrics import METRICS, mean_metrics
 from nnunet_kd.evaluation.paired import paired_difference, verdict
 from nnunet_kd.experiments.datasets import plans_name_for
-from nnunet_kd.experiments.study_design import BASELINE, DATASET_IDS, StudyError, StudyModel, StudySettings
+from nnunet_kd.experiments.study_design import (BASELINE, CONTRASTS, DATASET_IDS, StudyError, StudyModel,
+                                                StudySettings)
 
 
 def scores_file(root: Path, model: StudyModel) -> Path:
@@ -108,12 +109,22 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
     if BASELINE in pooled:
         summary["paired"] = {name: paired_difference(cases, pooled[BASELINE])
                              for name, cases in pooled.items() if name != BASELINE}
+    pooled_combos = {}
     for name, model in models.items():
         names = next(iter(per_split.values()))["combinations"].get(name, {}) if model.combinations else {}
         combos = {combo: _pooled({s: split["combinations"].get(name, {}).get(combo) for s, split in per_split.items()})
                   for combo in names}
         if combos and all(v is not None for v in combos.values()):
+            pooled_combos[name] = combos
             summary["combinations"][name] = {combo: mean_metrics(cases) for combo, cases in combos.items()}
+    summary["contrasts"] = {}
+    for name, against in CONTRASTS:
+        if name in pooled and against in pooled:
+            shared = [c for c in pooled_combos.get(name, {}) if c in pooled_combos.get(against, {})]
+            summary["contrasts"][f"{name} vs {against}"] = {
+                "T1ce-fed": paired_difference(pooled[name], pooled[against]),
+                "combinations": {c: paired_difference(pooled_combos[name][c], pooled_combos[against][c])
+                                 for c in shared}}
     return summary
 
 
@@ -128,16 +139,28 @@ def models_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def paired_table(summary: dict) -> str:
-    lines = ["| model | region | Δ Dice (points) [95% CI] | p | better | Δ HD95 (mm) [95% CI] | p | verdict (Dice, HD95) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, regions in summary["paired"].items():
+def paired_table(paired: Mapping[str, Mapping], first_column: str = "model") -> str:
+    """Rows of paired differences ``{row name: {region: {metric: entry}}}`` as paired_difference returns."""
+    lines = [f"| {first_column} | region | Δ Dice (points) [95% CI] | p | better | Δ HD95 (mm) [95% CI] | p | "
+             "verdict (Dice, HD95) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, regions in paired.items():
         for r in REGIONS:
             d, h = regions[r]["dice"], regions[r]["hd95"]
             lines.append(
                 f"| {name} | {r} | {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | "
                 f"{d['p']:.3g} | {d['better']}/{d['n']} | {h['mean']:+.1f} [{h['low']:+.1f}, {h['high']:+.1f}] | "
                 f"{h['p']:.3g} | {verdict(d, 'dice')}, {verdict(h, 'hd95')} |")
+    return "\n".join(lines)
+
+
+def dice_differences_table(paired: Mapping[str, Mapping]) -> str:
+    """One row per entry of ``{name: paired_difference(...)}``: each region's Dice difference, interval and p."""
+    lines = ["| available modalities | " + " | ".join(f"{r} Δ Dice" for r in REGIONS) + " |",
+             "| --- |" + " --- |" * len(REGIONS)]
+    for name, regions in paired.items():
+        cells = [f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (p {d['p']:.2g})"
+                 for d in (regions[r]["dice"] for r in REGIONS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -221,7 +244,13 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
     if summary["paired"]:
         md += (f"\nPaired per-case differences to {BASELINE} (95% bootstrap CI of the mean difference, "
                "Wilcoxon signed-rank p; better = cases in which the model is better):\n\n"
-               + paired_table(summary) + "\n")
+               + paired_table(summary["paired"]) + "\n")
+    for name, contrast in summary["contrasts"].items():
+        md += (f"\nPaired per-case differences, {name}, fed T1ce alone:\n\n"
+               + paired_table({"T1ce-fed": contrast["T1ce-fed"]}, "input") + "\n")
+        if contrast["combinations"]:
+            md += (f"\nThe same in each modality combination (Δ Dice in points [95% CI], Wilcoxon p):\n\n"
+                   + dice_differences_table(contrast["combinations"]) + "\n")
     if len(per_split) > 1:
         md += "\nMean Dice per split (WT / TC / ET, %):\n\n" + per_split_table(summary["per_split"]) + "\n"
     if summary["gradient_shares"]:

@@ -100,3 +100,28 @@ def test_report_gives_per_split_means_and_gradient_shares(tmp_path):
     assert f"| {MTCMKD} | 10.0 / 10.0 / 10.0 | 20.0 / 20.0 / 20.0 |" in md
     assert f"| {MTCMKD} (logits) | kd | 0.00 | 0.30 |" in md
     assert (tmp_path / "r" / "study_gradient_shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_contrasts_mgsd_with_modality_dropout_per_combination(tmp_path):
+    work = tmp_path / "study"
+    mgsd = "MGSD fed T1ce alone"
+    for fold in ("fold0", "fold1"):
+        root = work / fold
+        cases = {f"{fold}_a": (0.4, 5.0), f"{fold}_b": (0.5, 4.0)}
+        _write_scores(scores_file(root, MODELS[BASELINE]), cases)
+        for name, shift in ((DROPOUT, 0.0), (mgsd, 0.05)):
+            _write_scores(scores_file(root, MODELS[name]), {c: (d + shift, h) for c, (d, h) in cases.items()})
+            table = {"T1ce": {"cases": {c: _metrics(d + shift, h) for c, (d, h) in cases.items()}},
+                     "FLAIR": {"cases": {c: _metrics(0.8 - shift, 2.0) for c in cases}}}
+            combinations_file(root, MODELS[name]).parent.mkdir(parents=True)
+            combinations_file(root, MODELS[name]).write_text(json.dumps({"combinations": table}))
+    settings = StudySettings(real_brats="cases", folds=2)
+    result = collect_report([str(work)], str(tmp_path / "r"), settings)
+    contrast = result["summary"]["contrasts"][f"{mgsd} vs {DROPOUT}"]
+    assert contrast["T1ce-fed"]["WT"]["dice"]["mean"] == pytest.approx(0.05)
+    assert contrast["T1ce-fed"]["WT"]["dice"]["n"] == 4
+    assert contrast["combinations"]["FLAIR"]["ET"]["dice"]["mean"] == pytest.approx(-0.05)
+    assert contrast["combinations"]["FLAIR"]["ET"]["dice"]["better"] == 0
+    md = (tmp_path / "r" / "study.md").read_text()
+    assert f"{mgsd} vs {DROPOUT}, fed T1ce alone" in md
+    assert "| FLAIR | -5.0 [-5.0, -5.0]" in md
