@@ -103,7 +103,7 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
         pooled[name] = cases
         summary["models"][name] = {"n": len(cases), "mean": mean_metrics(cases), "sd": _spread(cases)}
         summary["per_split"][name] = {s: mean_metrics(split["models"][name]) for s, split in per_split.items()}
-        logs = [split.get("gradient_shares", {}).get(name) for split in per_split.values()]
+        logs = [split["gradient_shares"].get(name) for split in per_split.values()]
         if all(logs):
             summary["gradient_shares"][name] = mean_gradient_shares(logs)
     if BASELINE in pooled:

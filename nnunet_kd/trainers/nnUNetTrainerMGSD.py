@@ -129,7 +129,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.multiview = self.mutual_attention = None
         self.aux_optimizer = self.aux_lr_scheduler = None
         self.tap = None
-        self._term_sums: Dict[str, torch.Tensor | float] = {}
+        self._term_sums: Dict[str, torch.Tensor] = {}  # this epoch's sum of each loss term, on the device
         self.gradient_meter = GradientShareMeter(self.loss_term_names)
         self._epoch_step = 0
         self.distillation_log: List[dict] = []
@@ -261,14 +261,13 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self._epoch_step += 1
         for k, v in terms.items():  # summed on the device: read once per epoch, not once per step
             self._term_sums[k] = self._term_sums.get(k, 0.) + v.detach().float()
-        self._term_sums["_n"] = self._term_sums.get("_n", 0.) + 1
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        names = sorted(k for k in self._term_sums if k != "_n")
-        values = [torch.as_tensor(self._term_sums[k]).reshape(()).float().cpu() for k in names]
-        sums = sum_over_ranks(torch.stack(values + [torch.tensor(float(self._term_sums.get("_n", 0.)))]).double())
+        names = sorted(self._term_sums)
+        steps = torch.tensor(float(self._epoch_step), dtype=torch.float64)
+        sums = sum_over_ranks(torch.stack([self._term_sums[k].cpu().double() for k in names] + [steps]))  # all ranks
         means = {k: float(v) for k, v in zip(names, (sums[:-1] / sums[-1].clamp_min(1)).tolist())}
         gradients = self.gradient_meter.summary()  # reduced over ranks: every rank takes part
         self.print_to_log_file("MGSD loss terms (unweighted means): " +

@@ -76,7 +76,7 @@ def test_step_loss_is_the_weighted_sum_of_its_terms(brats_dataset, cls, modality
     t.on_train_epoch_start()
     out = t.train_step(synthetic_batch(t, seed=4))
     terms = {k: float(v) for k, v in t._term_sums.items()}  # one step since the epoch started: this step's terms
-    assert terms["_n"] == 1 and terms["modality"] > 0
+    assert t._epoch_step == 1 and terms["modality"] > 0
     expected = (terms["supervised"] + 10 / 3 * terms["image"] + 50 / 3 * terms["feature"]
                 + modality_weight * terms["modality"])
     assert float(out["loss"]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
