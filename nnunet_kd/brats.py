@@ -36,6 +36,19 @@ RELEASE_TO_NNUNET: Dict[str, Dict[int, int]] = {
     "msd": {0: 0, 1: 1, 2: 2, 3: 3},  # Task01: 1 edema, 2 non-enhancing, 3 enhancing
 }
 
+#: BraTS 2018, 2019 and 2020 share the 2021 label values, so the years users know are accepted as names of it.
+LABEL_CONVENTION_ALIASES: Dict[str, str] = {"brats2018": "brats2021", "brats2019": "brats2021",
+                                            "brats2020": "brats2021"}
+
+#: How messages name each label convention (the key ``brats2021`` alone reads as if 2018-2020 differed).
+LABEL_SET_NAMES: Dict[str, str] = {"brats2021": "BraTS 2018-2021", "brats2023": "BraTS 2023 GLI",
+                                   "msd": "Decathlon Task01"}
+
+
+def canonical_label_convention(name: str) -> str:
+    """``brats2018``/``brats2019``/``brats2020`` -> ``brats2021``; any other name is returned unchanged."""
+    return LABEL_CONVENTION_ALIASES.get(name, name)
+
 
 def canonical_modality(name: str) -> str:
     """Return the canonical modality name (``T1``, ``T1ce``, ``T2``, ``FLAIR``) for ``name``.

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -50,6 +50,46 @@ def _shared_data(name: str) -> Path:
     if not folder.is_dir():
         pytest.skip(f"real data {folder} is not present (development data beside the repository)")
     return folder
+
+
+#: Fixtures that run nnU-Net's or this package's commands, or that hand a test the means to run them (a console
+#: script's path, the command runner; test_benchmark.py's toy_run trains): every test using one, directly or
+#: through another fixture, is slow.
+SLOW_FIXTURES = frozenset({"brats_dataset", "stock_model", "mgsd_model", "missing_modality_model", "run_cmd",
+                           "bin_path", "toy_run"})
+
+#: Slow tests without such a fixture (module -> test functions): they run a command of the package in a
+#: subprocess, train (test_modality_collapse: 200 optimiser steps), start DDP processes or compile with inductor.
+SLOW_TESTS: Dict[str, Tuple[str, ...]] = {
+    "tests/conversion/test_convert_brats.py": ("test_cli_success", "test_cli_error_has_no_traceback",
+                                               "test_cli_usage_errors"),
+    "tests/conversion/test_convert_faults.py": ("test_killed_parent_stops_workers_and_next_run_cleans_up",),
+    "tests/evaluation/test_evaluation.py": ("test_cli_end_to_end", "test_cli_errors",
+                                            "test_truncated_file_is_a_clean_error"),
+    "tests/evaluation/test_truncated_nifti.py": ("test_evaluate_rejects_a_prediction_cut_inside_gzip",),
+    "tests/experiments/test_synthetic.py": ("test_cli",),
+    "tests/losses/test_modality_collapse.py": ("test_heads_alone_drive_the_other_forms_to_zero",
+                                               "test_fixed_target_stays_at_the_variance_of_its_teacher"),
+    "tests/losses/test_mtcmkd_losses.py": ("test_tracker_all_reduce_two_processes",),
+    "tests/training/test_compiled_features.py": (
+        "test_inductor_compiled_unet_matches_eager_outputs_features_and_gradients",),
+    "tests/training/test_ddp_reductions.py": ("test_broadcast_average_gradients_and_ema_agree_across_ranks",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark as ``slow`` (pytest.ini) what ``-m "not slow"`` leaves out: SLOW_FIXTURES users and SLOW_TESTS."""
+    root = Path(__file__).resolve().parents[1]
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        names = SLOW_TESTS.get(path.relative_to(root).as_posix(), ()) if path.is_relative_to(root) else ()
+        for name in names:  # a renamed test would silently join the fast suite
+            if not hasattr(item.module, name):
+                raise pytest.UsageError(f"tests/conftest.py SLOW_TESTS names {path.name}::{name}, which that module "
+                                        "does not define: update SLOW_TESTS")
+        if SLOW_FIXTURES & set(item.fixturenames) or item.originalname in names:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -114,12 +154,12 @@ def stock_model(brats_dataset) -> Path:
     return brats_dataset["results"] / "nnUNetTrainerBudget__nnUNetPlans__3d_fullres"
 
 
-def _load_trainer(brats_dataset, trainer_class, dataset_json: dict | None = None):
+def _load_trainer(brats_dataset, trainer_class, dataset_json: dict | None = None, plans: str = "nnUNetPlans"):
     """An initialised trainer of ``trainer_class`` on the session dataset, in this process, on the CPU."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    plans = load_json(str(brats_dataset["preprocessed"] / "nnUNetPlans.json"))
+    plans = load_json(str(brats_dataset["preprocessed"] / f"{plans}.json"))
     plans["continue_training"] = False  # nnUNetv2_train adds this key before building a trainer
     ds = dataset_json or load_json(str(brats_dataset["preprocessed"] / "dataset.json"))
     paths = {"nnUNet_preprocessed": str(brats_dataset["root"] / "preprocessed"),
@@ -141,7 +181,8 @@ def _load_trainer(brats_dataset, trainer_class, dataset_json: dict | None = None
 
 @pytest.fixture(scope="session")
 def load_trainer():
-    """``load_trainer(brats_dataset, trainer_class, dataset_json=None)``: an initialised trainer on the CPU."""
+    """``load_trainer(brats_dataset, trainer_class, dataset_json=None, plans="nnUNetPlans")``: an initialised
+    trainer on the CPU."""
     return _load_trainer
 
 
@@ -228,3 +269,25 @@ def missing_modality_model(brats_dataset, mgsd_model):
     """The trained MGSD model with its raw dataset, for the prediction and evaluation tests."""
     return TrainedModel(raw_dataset=str(brats_dataset["raw"]), model_folder=str(mgsd_model), dataset_id=DATASET_ID,
                         dataset_name=DATASET_NAME, environment=brats_dataset["env"])
+
+
+#: Plans name of the small network (``small_plans``): same data as nnUNetPlans, a smaller U-Net.
+SMALL_PLANS = "nnUNetPlans_small"
+
+
+@pytest.fixture(scope="session")
+def small_plans(brats_dataset) -> Dict[str, object]:
+    """The session dataset's plans with a three-stage, narrow U-Net on 16^3 patches, written beside
+    nnUNetPlans.json as ``nnUNetPlans_small.json`` (same preprocessed data). Returns name, plans and file; for
+    tests whose cost is compiling or starting processes, not the network."""
+    plans = json.loads((brats_dataset["preprocessed"] / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = SMALL_PLANS
+    config = plans["configurations"]["3d_fullres"]
+    config["patch_size"], config["batch_size"] = [16, 16, 16], 2
+    arch = config["architecture"]["arch_kwargs"]
+    arch.update(n_stages=3, features_per_stage=[8, 16, 32], kernel_sizes=[[3, 3, 3]] * 3,
+                strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
+    config["pool_op_kernel_sizes"], config["conv_kernel_sizes"] = arch["strides"], arch["kernel_sizes"]
+    path = brats_dataset["preprocessed"] / f"{SMALL_PLANS}.json"
+    path.write_text(json.dumps(plans, indent=2))
+    return {"name": SMALL_PLANS, "plans": plans, "file": path}

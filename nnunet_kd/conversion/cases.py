@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_kd.brats import RELEASE_TO_NNUNET, map_labels, release_labels
+from nnunet_kd.brats import LABEL_SET_NAMES, RELEASE_TO_NNUNET, map_labels, release_labels
 from nnunet_kd.conversion.cohorts import Cohort
 from nnunet_kd.conversion.discovery import CaseTask, modality_of
 from nnunet_kd.conversion.releases import (GLI_RELEASES, MSD_CHANNELS, OUT_ENDING, RELEASES, ConversionError,
@@ -54,7 +54,7 @@ def _labels_to_nnunet(case_id: str, path: str, seg: np.ndarray, convention: str,
                       cohort: Optional[Cohort] = None) -> np.ndarray:
     """Release (or 2023+ cohort) labels -> nnU-Net labels, naming the offending values if any are not allowed."""
     allowed = release_labels(convention) if cohort is None else cohort.allowed_labels
-    set_name = convention if cohort is None else f"BraTS {cohort.key} ({cohort.title})"
+    set_name = LABEL_SET_NAMES[convention] if cohort is None else f"BraTS {cohort.key} ({cohort.title})"
     values = np.unique(seg)
     non_integer = []
     if seg.dtype.kind == "f":  # some releases store labels as floats; 4.0 is fine, 2.5 or NaN are not

@@ -10,7 +10,7 @@ import os
 from typing import Optional, Sequence
 
 from nnunet_kd.cli import command
-from nnunet_kd.conversion.back import convert_to_brats
+from nnunet_kd.conversion.back import choose_prediction_cohort, convert_to_brats
 from nnunet_kd.conversion.convert import convert_brats
 from nnunet_kd.conversion.cohorts import CASE_PATTERNS as COHORT_PREFIXES
 from nnunet_kd.conversion.releases import YEAR_CHOICES, ConversionError
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="convert nnU-Net predictions in -i to the labels of --year, written to -o")
     p.add_argument("--cohort", choices=sorted(COHORT_PREFIXES),
                    help="with --to-brats and a 2023+ --year: the cohort whose labels to write (default: the "
-                        "brats_cohort of the dataset.json beside the predictions, else GLI)")
+                        "brats_cohort of the dataset.json beside the predictions, else the cohort the file names "
+                        "BraTS-<COHORT>-... name; needed when neither tells and the year's cohorts label differently)")
     return p
 
 
@@ -57,7 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.output_root or not args.year:
             parser.error("--to-brats needs -o OUT_DIR and --year")
         written = convert_to_brats(args.input, args.output_root, args.year, args.cohort)
-        print(f"Wrote {len(written)} segmentations in {args.year} labels to {os.path.abspath(args.output_root)}")
+        chosen, how = choose_prediction_cohort(os.path.abspath(args.input), args.year, args.cohort)
+        labels = f"{args.year} labels" if chosen is None else f"{args.year} labels of cohort {chosen.key} ({how})"
+        print(f"Wrote {len(written)} segmentations in {labels} to {os.path.abspath(args.output_root)}")
         return 0
     if args.cohort:
         parser.error("--cohort applies to --to-brats; converting detects the cohort from the case names")

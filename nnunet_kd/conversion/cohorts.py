@@ -222,6 +222,16 @@ def cohort_for(prefix: str, year: int) -> Cohort:
     return matches[0]
 
 
+def cohorts_of_year(year: int) -> List[Cohort]:
+    """The cohorts of BraTS ``year`` (empty before 2023)."""
+    return [c for c in _COHORT_LIST if int(year) in c.years]
+
+
+def label_conventions(year: int) -> int:
+    """How many different label mappings the cohorts of ``year`` use (1 for 2023, more from 2024)."""
+    return len({tuple(sorted(c.to_nnunet.items())) for c in cohorts_of_year(year)})
+
+
 def _canonical_prefix(prefix: str) -> str:
     for known in CASE_PATTERNS:
         if known.lower() == str(prefix).strip().lower():

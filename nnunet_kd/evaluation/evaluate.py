@@ -5,6 +5,8 @@ Command line::
     nnunet_kd_evaluate -r REF_DIR -p PRED_DIR -o metrics.json [--labels nnunet|brats2021|brats2023] [-np N]
         [--metrics legacy|lesionwise|both] [--cohort GLI-2024]
 
+``--labels brats2018``, ``brats2019`` and ``brats2020`` are read as ``brats2021`` (the same label values).
+
 ``--metrics``: legacy (default, below), the official lesion-wise metrics or both
 (:mod:`nnunet_kd.evaluation.modes`; lesion-wise needs the ``brats-eval`` extra).
 
@@ -29,7 +31,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.cli import command
-from nnunet_kd.evaluation.metrics import (LABEL_CONVENTIONS, CaseMetrics, EvaluationError, add_metrics_arguments,
+from nnunet_kd.evaluation.metrics import (CaseMetrics, EvaluationError, add_labels_argument, add_metrics_arguments,
                                           label_mapping, mean_metrics, region_metrics, to_nnunet_labels)
 from nnunet_kd.evaluation.plots import plot_region_boxplots
 from nnunet_kd.evaluation.tables import write_region_table
@@ -222,11 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--ref", required=True, help="folder with reference segmentations (.nii.gz)")
     p.add_argument("-p", "--pred", required=True, help="folder with predicted segmentations (same file names)")
     p.add_argument("-o", "--output", required=True, help="output JSON; CSV and PNG box plots are written beside it")
-    p.add_argument(
-        "--labels", default="nnunet", choices=LABEL_CONVENTIONS,
-        help="label convention of both folders: nnunet (1 ED, 2 NCR, 3 ET; default), "
-             "brats2021 (1 NCR, 2 ED, 4 ET) or brats2023 (1 NCR, 2 ED, 3 ET)",
-    )
+    add_labels_argument(p, "label convention of both folders")
     p.add_argument("-np", "--num-processes", type=int, default=default_num_processes(),
                    help="worker processes (default: min(4, CPUs))")
     p.add_argument("--no-plots", action="store_true", help="skip the box plots")

@@ -16,13 +16,16 @@ from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_kd.brats import REGIONS, RELEASE_TO_NNUNET, map_labels, region_masks
+from nnunet_kd.brats import (LABEL_CONVENTION_ALIASES, REGIONS, RELEASE_TO_NNUNET, canonical_label_convention,
+                             map_labels, region_masks)
 
 #: HD95 (mm) assigned when exactly one of prediction and reference is empty (BraTS convention).
 BRATS_HD95_PENALTY: float = 373.13
 
 #: Label conventions accepted by ``--labels``; ``nnunet`` means labels are already 0/1/2/3 (1 ED, 2 NCR, 3 ET).
 LABEL_CONVENTIONS: Tuple[str, ...] = ("nnunet", "brats2021", "brats2023")
+#: What ``--labels`` accepts: the conventions plus the years 2018-2020, which the parser turns into brats2021.
+LABEL_CHOICES: Tuple[str, ...] = LABEL_CONVENTIONS + tuple(LABEL_CONVENTION_ALIASES)
 
 #: Names of the metrics stored per region.
 METRICS: Tuple[str, ...] = ("dice", "hd95")
@@ -141,6 +144,14 @@ def mean_over_combinations(combinations: Mapping[str, Mapping]) -> CaseMetrics:
 
 #: ``--metrics`` choices: the legacy (2018-2021) case-wise metrics, the official lesion-wise ones, or both.
 METRIC_MODES: Tuple[str, ...] = ("legacy", "lesionwise", "both")
+
+
+def add_labels_argument(parser: argparse.ArgumentParser, help_start: str) -> None:
+    """``--labels``: a convention of LABEL_CONVENTIONS; brats2018/2019/2020 are parsed as brats2021."""
+    parser.add_argument("--labels", default="nnunet", choices=LABEL_CHOICES, type=canonical_label_convention,
+                        help=f"{help_start}: nnunet (1 ED, 2 NCR, 3 ET; default), brats2021 (1 NCR, 2 ED, 4 ET; "
+                             "the labels of BraTS 2018-2021, so brats2018, brats2019 and brats2020 mean the same) "
+                             "or brats2023 (1 NCR, 2 ED, 3 ET)")
 
 
 def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:

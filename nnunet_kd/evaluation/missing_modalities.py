@@ -35,7 +35,7 @@ from nnunet_kd.brats import (REGIONS, channel_names_of, display_name, modality_c
                              modality_order)
 from nnunet_kd.cli import command
 from nnunet_kd.evaluation.evaluate import default_num_processes, evaluate_pairs, list_cases, read_segmentation
-from nnunet_kd.evaluation.metrics import (LABEL_CONVENTIONS, EvaluationError, add_metrics_arguments, label_mapping,
+from nnunet_kd.evaluation.metrics import (EvaluationError, add_labels_argument, add_metrics_arguments, label_mapping,
                                           mean_metrics, mean_over_combinations, to_nnunet_labels)
 from nnunet_kd.evaluation.modes import (check_mode, lesionwise_pairs, require_official_package, resolve_cohort,
                                        write_lesionwise_table)
@@ -278,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", required=True, help="folder with the reference segmentations (CASE.nii.gz)")
     p.add_argument("-o", required=True, help="output folder")
     add_model_arguments(p)
-    p.add_argument("--labels", default="nnunet", choices=LABEL_CONVENTIONS,
-                   help="label convention of the references (default nnunet: 1 ED, 2 NCR, 3 ET)")
+    add_labels_argument(p, "label convention of the references")
     p.add_argument("-np", type=int, default=default_num_processes(),
                    help="evaluation worker processes (default min(4, CPUs))")
     p.add_argument("--combinations", nargs="+", metavar="COMBO",

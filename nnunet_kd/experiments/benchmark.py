@@ -40,6 +40,9 @@ Notes:
   fly with the stock architecture of these plans and initial weights (``--frozen-teachers
   multimodal``: one four-channel teacher; ``--teacher-models``: real trained models).
 * The KD trainers are timed with ``current_epoch = kd_start_epoch`` so all distillation terms run.
+* ``--autocast bf16`` times every trainer in bfloat16 autocast on the CPU (``nnUNet_kd_autocast=bf16``); the
+  stock row is then nnUNetTrainerBudget (stock nnU-Net with the same autocast), so the ratios stay bf16 against
+  bf16. On CUDA it changes nothing (nnU-Net's fp16 autocast).
 """
 from __future__ import annotations
 
@@ -64,11 +67,15 @@ from nnunet_kd.experiments.benchmark_report import STOCK, compute_ratios, evalua
 from nnunet_kd.experiments.datasets import convert_command, plan_command
 from nnunet_kd.experiments.runner import CommandFailed, default_device, nnunet_environment, run_command
 from nnunet_kd.paths import env_folder, find_dataset_folder
+from nnunet_kd.training.precision import (AUTOCAST_CHOICES, autocast_environment, parse_cpu_autocast,
+                                          precision_description)
 
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerMTCMKD", "nnUNetTrainerMTCMKD_FrozenTeachers", "nnUNetTrainerMGSD")
 TOY_DATASET_ID = 990
 REAL_BRATS_DATASET_ID = 991
 _MIB = 1024.0 ** 2
+#: The stock row under --autocast bf16 on the CPU: nnUNetTrainer plus the plugin's CPU autocast, nothing else.
+STOCK_WITH_CPU_AUTOCAST = "nnUNetTrainerBudget"
 
 
 # --------------------------------------------------------------------------- dataset preparation
@@ -140,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
                         "default) or one 4-channel stock model")
     p.add_argument("--teacher-models", nargs="+", metavar="PATH",
                    help="use these trained teacher models for the frozen-teacher trainer instead")
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none",
+                   help="bf16: time the training steps in bfloat16 autocast on the CPU (nnUNet_kd_autocast=bf16); "
+                        "default none (fp32; CUDA always uses nnU-Net's fp16 autocast)")
     p.add_argument("--eager-only", action="store_true",
                    help="measure only eagerly (nnUNet_compile=0), not also at nnU-Net's defaults (compiled on CUDA)")
     p.add_argument("--dataset-id-for-conversion", type=int, default=None,
@@ -213,6 +223,7 @@ def _measure(args, argv, work_dir: str, dataset_id: str) -> Tuple[Dict[str, Any]
 
     cm = PlansManager(plans).get_configuration(args.configuration)
     fold = args.fold if args.fold == "all" else int(args.fold)
+    os.environ.update(autocast_environment(args.autocast))  # the trainers, built in this process, read it
 
     trainers = [STOCK] + [t for t in args.trainers if t != STOCK]
     teacher_desc = None
@@ -244,7 +255,9 @@ def _measure(args, argv, work_dir: str, dataset_id: str) -> Tuple[Dict[str, Any]
         "nnUNet_compile": "0 (trainers, ratios); unset (defaults)", "nnUNet_n_proc_DA": _n_proc_da(),
         "stock_compiles_by_default": stock_compiles_by_default(device),
         "torch_num_threads": torch.get_num_threads(), "toy": bool(args.toy), "real_brats": args.real_brats,
-        "frozen_teachers": teacher_desc,
+        "frozen_teachers": teacher_desc, "autocast": args.autocast,
+        "precision": precision_description(device, parse_cpu_autocast(args.autocast)),
+        "stock_measured_as": _stock_trainer(args, device),
         "kd_active": "KD trainers are timed with current_epoch = kd_start_epoch, i.e. with all distillation terms",
         "cpu_memory_note": "on CPU peak_rss_increase_mib is the rise of the process's resident memory during the "
                            "steps; memory freed by an earlier trainer and reused shows as no increase",
@@ -294,6 +307,13 @@ def stock_compiles_by_default(device) -> bool:
             os.environ["nnUNet_compile"] = saved
 
 
+def _stock_trainer(args, device) -> str:
+    """The trainer measured as the stock row: with --autocast bf16 on the CPU, stock nnU-Net needs the plugin's
+    autocast too (nnUNetTrainer has none there)."""
+    cpu_autocast = device.type == "cpu" and parse_cpu_autocast(args.autocast) is not None
+    return STOCK_WITH_CPU_AUTOCAST if cpu_autocast else STOCK
+
+
 def _bench_trainers(trainers, plans_file: str, dataset_json: dict, args, fold, device):
     """Each trainer in turn under the current nnUNet_compile; (results by trainer, all_ok, stock mirror axes)."""
     import torch
@@ -303,7 +323,8 @@ def _bench_trainers(trainers, plans_file: str, dataset_json: dict, args, fold, d
     for name in trainers:
         log(f"=== {name} (nnUNet_compile={os.environ.get('nnUNet_compile', 'unset')})")
         try:
-            r = bench_trainer(name, plans_file, dataset_json, args.configuration, fold, device,
+            measured = _stock_trainer(args, device) if name == STOCK else name
+            r = bench_trainer(measured, plans_file, dataset_json, args.configuration, fold, device,
                               args.steps, args.warmup, args.data_loading_steps)
             if name == STOCK:
                 mirror_axes = r.get("inference_allowed_mirroring_axes")

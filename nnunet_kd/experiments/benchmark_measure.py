@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from nnunet_kd.brats import channel_index, channel_indices, channel_names_of
 from nnunet_kd.paths import ensure_trainer_lookup
+from nnunet_kd.training.precision import precision_description
 
 STUDENT_MODALITY = "T1ce"
 _MIB = 1024.0 ** 2
@@ -204,6 +205,7 @@ def bench_trainer(name: str, plans_file: str, dataset_json: dict, configuration:
             # The distillation terms start after epoch 0: time the steady-state step with them on.
             trainer.current_epoch = max(trainer.current_epoch, int(trainer.kd_start_epoch))
         res["setup_time_s"] = round(time.perf_counter() - t0, 2)
+        res["precision"] = precision_description(device, getattr(trainer, "cpu_autocast_dtype", None))
         res["batch_size"] = int(trainer.batch_size)
         res["num_parameters_trainable"] = int(sum(
             p.numel() for opt in _optimizers(trainer) for g in opt.param_groups for p in g["params"]))

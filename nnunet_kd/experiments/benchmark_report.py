@@ -100,7 +100,9 @@ def format_table(result: Dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
         f"nnunet-kd benchmark  device: {meta['device_name']} ({meta['device']})  torch {meta['torch_version']}  "
-        f"nnunetv2 {meta['nnunetv2_version']}  compile: {meta['nnUNet_compile']}",
+        f"nnunetv2 {meta['nnunetv2_version']}  compile: {meta['nnUNet_compile']}  "
+        f"autocast: {meta.get('autocast', 'none')}"  # results written before --autocast existed lack the keys
+        + (f" (stock row: {meta['stock_measured_as']})" if meta.get("stock_measured_as", STOCK) != STOCK else ""),
         f"dataset {meta['dataset']}  {meta['configuration']}  patch {meta['patch_size']}  batch {meta['batch_size']}  "
         f"fold {meta['fold']}  steps {meta['steps']} (+{meta['warmup']} warm-up)  data-loading steps "
         f"{meta['data_loading_steps']}  nnUNet_n_proc_DA={meta['nnUNet_n_proc_DA']}",

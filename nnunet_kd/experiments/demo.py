@@ -3,7 +3,8 @@
 generate synthetic cases -> nnunet_kd_convert_brats -> nnUNetv2_plan_and_preprocess ->
 nnUNetv2_train -tr nnUNetTrainerMTCMKD -> stock nnUNetv2_predict on T1ce alone ->
 nnUNetv2_train -tr nnUNetTrainerMGSD -> nnunet_kd_predict with FLAIR and T1 missing ->
-nnunet_kd_evaluate on held-out cases. Uses the GPU when one is present.
+nnunet_kd_evaluate on held-out cases. Uses the GPU when one is present. At the end it prints the README's
+commands (:func:`next_commands`) with the demo's dataset ids and folders, ready to paste into a shell.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import shlex
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from nnunet_kd.cli import command
 from nnunet_kd.experiments.datasets import convert_command, link_channels, plan_command
@@ -23,10 +24,32 @@ from nnunet_kd.paths import find_dataset_folder
 TRAIN_ID, HELD_OUT_ID, HELD_OUT_T1CE_ID = 990, 991, 992
 #: Written into the work folder first thing: only a folder holding it is ever deleted by a later demo.
 MARKER = ".nnunet_kd_demo"
+#: Sub-folder of the work folder where the printed commands write, apart from the demo's own predictions.
+NEXT_OUTPUTS = "next_steps"
+#: The line before the printed commands; everything after it is the commands, one per line.
+NEXT_HEADER = "[nnunet_kd_demo] the README's commands on the demo's data, to paste into a shell in this environment:"
 
 
 class DemoError(Exception):
     """Bad input to the demo (e.g. a --workdir the demo did not make)."""
+
+
+def claim_workdir(work: Path, marker: str, tool: str, error: "type[Exception]", keep: bool = False) -> None:
+    """Make ``work`` the work folder of ``tool``: create it, take over an empty folder, or, if ``marker`` is in
+    it (an earlier run of ``tool`` made it), empty it, or with ``keep`` (resuming) leave it as it is.
+
+    Anything else (a file, a link, a folder with files but no marker) raises ``error`` and is never touched.
+    """
+    if work.exists() or work.is_symlink():
+        if not work.is_dir() or work.is_symlink():
+            raise error(f"--workdir {work} exists and is not a folder")
+        if (work / marker).is_file():
+            if not keep:
+                shutil.rmtree(work)
+        elif any(work.iterdir()):
+            raise error(f"--workdir {work} exists and was not made by {tool}: it holds files {tool} did not "
+                        f"write and no {marker} file; it is left as it is: choose a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
 
 
 def prepare_workdir(work: Path) -> None:
@@ -34,15 +57,7 @@ def prepare_workdir(work: Path) -> None:
 
     An existing empty folder is taken over; a folder with anything in it but no marker is never touched.
     """
-    if work.exists() or work.is_symlink():
-        if not work.is_dir() or work.is_symlink():
-            raise DemoError(f"--workdir {work} exists and is not a folder")
-        if (work / MARKER).is_file():
-            shutil.rmtree(work)
-        elif any(work.iterdir()):
-            raise DemoError(f"--workdir {work} exists and was not made by nnunet_kd_demo (no {MARKER} file "
-                            "in it); it is left as it is: choose a new or empty folder")
-    work.mkdir(parents=True, exist_ok=True)
+    claim_workdir(work, MARKER, "nnunet_kd_demo", DemoError)
     (work / MARKER).write_text("made by nnunet_kd_demo; the next demo run with this --workdir deletes "
                                "this folder\n")
 
@@ -50,6 +65,38 @@ def prepare_workdir(work: Path) -> None:
 def _step(name: str, cmd: List[str], env: Dict[str, str], log_dir: Path) -> None:
     """One pipeline step, its output in ``log_dir/name.log`` (CommandFailed with the log's tail on failure)."""
     run_command(cmd, env, log_file=log_dir / f"{name}.log", echo=f"[nnunet_kd_demo] {name}:")
+
+
+def next_commands(work: Path, env: Mapping[str, str], fold: str, device: str) -> List[str]:
+    """The shell lines the demo prints at its end, each runnable as printed after the ones before it.
+
+    First the nnU-Net folder exports and the trainer lookup, then, on the held-out datasets: stock
+    ``nnUNetv2_predict`` of the MTCM-KD student from T1ce alone, ``nnunet_kd_predict`` of MGSD from T1ce +
+    FLAIR, both scored with ``nnunet_kd_evaluate``, and ``nnunet_kd_evaluate_missing`` over all 15
+    combinations. Outputs go to ``work/next_steps``. ``-device`` is always given: nnU-Net's own commands
+    default to cuda and stop on a machine without a GPU.
+    """
+    q = shlex.quote
+    raw = env["nnUNet_raw"]
+    held_out = Path(find_dataset_folder(raw, HELD_OUT_ID, f"nnUNet_raw={raw}"))
+    held_out_t1ce = Path(find_dataset_folder(raw, HELD_OUT_T1CE_ID, f"nnUNet_raw={raw}"))
+    out = work / NEXT_OUTPUTS
+    labels = q(str(held_out / "labelsTr"))
+    model = f"-d {TRAIN_ID} -c 3d_fullres -f {fold} -device {device}"
+    mtcmkd, mgsd = out / "mtcmkd_T1ce", out / "mgsd_T1ce_FLAIR"
+    lines = [f"export {var}={q(env[var])}" for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")]
+    lines += [
+        'eval "$(nnunet_kd_env)"',
+        f"nnUNetv2_predict -i {q(str(held_out_t1ce / 'imagesTr'))} -o {q(str(mtcmkd))} -tr nnUNetTrainerMTCMKD "
+        f"{model}",
+        f"nnunet_kd_evaluate -r {labels} -p {q(str(mtcmkd))} -o {q(str(out / 'mtcmkd_T1ce.json'))}",
+        f"nnunet_kd_predict -i {q(str(work / 'inputs_T1ce_FLAIR'))} -o {q(str(mgsd))} -tr nnUNetTrainerMGSD {model} "
+        "--available T1ce FLAIR",
+        f"nnunet_kd_evaluate -r {labels} -p {q(str(mgsd))} -o {q(str(out / 'mgsd_T1ce_FLAIR.json'))}",
+        f"nnunet_kd_evaluate_missing -tr nnUNetTrainerMGSD {model} -i {q(str(held_out / 'imagesTr'))} "
+        f"-r {labels} -o {q(str(out / 'missing_modalities'))}",
+    ]
+    return lines
 
 
 def run_demo(workdir: str, num_cases: int = 6, num_held_out: int = 2, shape: Sequence[int] = (48, 48, 48),
@@ -107,16 +154,18 @@ def run_demo(workdir: str, num_cases: int = 6, num_held_out: int = 2, shape: Seq
     name = "MGSD, T1ce + FLAIR (T1, T2 missing)"
     scores[name] = score("mgsd_T1ce_FLAIR", name)
 
-    report = {"device": device, "epochs": epochs, "iterations_per_epoch": iterations, "scores": scores}
+    commands = next_commands(work, env, fold, device)
+    report = {"device": device, "epochs": epochs, "iterations_per_epoch": iterations, "scores": scores,
+              "next_commands": commands}
     (work / "demo_report.json").write_text(json.dumps(report, indent=2))
     print("\n[nnunet_kd_demo] held-out scores (a tiny training budget: the numbers show the pipeline runs, "
           "not how well the methods work)")
     print(score_table(scores))
     print(f"[nnunet_kd_demo] report: {work / 'demo_report.json'}; box plots: {work}/scores_*_WT.png")
-    print("\n[nnunet_kd_demo] to continue with the README's commands on the demo's data (datasets "
-          f"{TRAIN_ID} training, {HELD_OUT_ID} held out, {HELD_OUT_T1CE_ID} held out T1ce only):")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        print(f"export {var}={shlex.quote(env[var])}")
+    print(f"\n[nnunet_kd_demo] datasets: {TRAIN_ID} training, {HELD_OUT_ID} held out, {HELD_OUT_T1CE_ID} held out "
+          f"T1ce only; the commands below write to {work / NEXT_OUTPUTS}")
+    print(NEXT_HEADER)
+    print("\n".join(commands), flush=True)
     return report
 
 

@@ -38,13 +38,15 @@ from nnunet_kd.evaluation.metrics import EvaluationError
 from nnunet_kd.evaluation.metrics import METRIC_MODES
 from nnunet_kd.evaluation.modes import require_official_package
 from nnunet_kd.experiments.datasets import convert_command, link_channels, planning_commands, plans_name_for
+from nnunet_kd.experiments.demo import claim_workdir
 from nnunet_kd.experiments.runner import (CommandFailed, budget_variables, command_path, default_device,
                                           nnunet_environment, python_module_command, run_command)
-from nnunet_kd.experiments.study_design import (ABLATIONS, DATASET_IDS, MODELS, StudyError, StudyModel,
-                                                StudySettings, real_case_folds, study_models)
+from nnunet_kd.experiments.study_design import (ABLATIONS, DATASET_IDS, MODELS, RESUME_DEFAULTS, StudyError,
+                                                StudyModel, StudySettings, real_case_folds, study_models)
 from nnunet_kd.experiments.study_report import (collect_report, collect_split, combinations_file, scores_file,
                                                 write_report)
 from nnunet_kd.paths import find_dataset_folder
+from nnunet_kd.training.precision import AUTOCAST_CHOICES, autocast_environment
 
 #: Marks a work dir as the study's own, so that only such a folder is ever replaced.
 WORKDIR_MARKER = "study_settings.json"
@@ -148,20 +150,18 @@ def run_study(workdir: str, splits: Sequence[int], settings: StudySettings, resu
     work = Path(workdir).resolve()
     record = settings.resume_record()
     settings_file = work / WORKDIR_MARKER
-    if resume and settings_file.exists():
-        earlier = json.loads(settings_file.read_text())
+    if resume and settings_file.is_file():
+        earlier = {**RESUME_DEFAULTS, **json.loads(settings_file.read_text())}
         changed = {k: (earlier.get(k), v) for k, v in record.items() if earlier.get(k) != v}
         if changed:
             raise StudyError(f"--resume: {workdir} was run with other settings: " + ", ".join(
                 f"{k} was {old!r}, now {new!r}" for k, (old, new) in changed.items()))
-    elif work.exists() and not resume:
-        if any(work.iterdir()) and not settings_file.exists():
-            raise StudyError(f"--workdir {workdir} holds files the study did not write; choose another folder")
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    # only the study's own folder (or a new or empty one) is kept with --resume or replaced without
+    claim_workdir(work, WORKDIR_MARKER, "nnunet_kd_study", StudyError, keep=resume)
     atomic_write_json(record, str(settings_file))
-    budget = budget_variables(settings.epochs, settings.iterations, max(1, settings.iterations // 5),
-                              settings.device, settings.num_processes, save_every=1)
+    budget = {**budget_variables(settings.epochs, settings.iterations, max(1, settings.iterations // 5),
+                                 settings.device, settings.num_processes, save_every=1),
+              **autocast_environment(settings.autocast)}
     start = time.time()
     roots = {split: work / settings.split_folder(split) for split in splits}
     envs = {split: nnunet_environment(root, **budget) for split, root in roots.items()}
@@ -194,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("-np", "--num-processes", type=int, default=2, help="CPU workers of each nnU-Net command")
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none", help="bf16: train in bfloat16 autocast "
+                   "on the CPU (nnUNet_kd_autocast=bf16; CUDA keeps nnU-Net's fp16 autocast); default none (fp32)")
     p.add_argument("--markdown", help="also write the report's Markdown to this file")
     p.add_argument("--toy", action="store_true", help="smallest run that exercises every step (CI)")
     p.add_argument("--real-brats", metavar="DIR", help="real cases (one BraTS release folder, converted with "
@@ -245,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         iterations=args.iterations, device=args.device or default_device(), real_brats=args.real_brats,
         folds=args.folds, target_spacing=None if args.target_spacing is None else tuple(args.target_spacing),
         num_processes=args.num_processes, parallel=args.parallel, metrics=args.metrics, ablations=args.ablations,
-        only=None if args.only is None else tuple(args.only))
+        only=None if args.only is None else tuple(args.only), autocast=args.autocast)
     if args.metrics != "legacy":
         require_official_package()  # before any training
     if args.collect:

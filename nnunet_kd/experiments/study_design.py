@@ -64,7 +64,9 @@ ABLATIONS: Dict[str, StudyModel] = {
 DATASET_IDS = {"full": 600, "t1ce": 601, "test": 602, "test_t1ce": 603}
 #: Settings that change the data or the budget: a --resume run must use the same ones.
 RESUME_SETTINGS = ("cases", "test_cases", "shape", "epochs", "iterations", "device", "real_brats", "folds",
-                   "target_spacing")
+                   "target_spacing", "autocast")
+#: What work dirs written before a setting existed ran with (their study_settings.json lacks it).
+RESUME_DEFAULTS = {"autocast": "none"}
 
 
 def study_models(with_ablations: bool, only: Optional[Sequence[str]] = None) -> Dict[str, StudyModel]:
@@ -93,6 +95,8 @@ class StudySettings:
     metrics: str = "legacy"
     ablations: bool = False
     only: Optional[Tuple[str, ...]] = None
+    #: Training precision on the CPU: "bf16" runs every training with nnUNet_kd_autocast=bf16 (training/precision.py).
+    autocast: str = "none"
 
     def models(self) -> Dict[str, StudyModel]:
         """The models this study trains (see :func:`study_models`); the baseline always."""

@@ -26,16 +26,18 @@ from nnunet_kd.brats import MODALITIES
 from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttention, StyleDiscriminator,
                                    apply_modality_mask, discriminator_loss, ema_update,
                                    generator_adversarial_loss, sample_modality_masks, warmed_up_momentum)
-from nnunet_kd.training.budget import apply_budget_overrides
+from nnunet_kd.training.budget import apply_budget_overrides, check_budget_environment
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
+from nnunet_kd.training.compilation import CompiledGraphLogMixin
 from nnunet_kd.training.distributed import broadcast_module, sum_over_ranks
 from nnunet_kd.training.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
 from nnunet_kd.training.gradient_shares import GradientShareMeter, allow_retained_compiled_graphs
 from nnunet_kd.training.model_folder import dataset_channels
-from nnunet_kd.training.optimisation import autocast_for, backward_and_step
+from nnunet_kd.training.optimisation import backward_and_step
+from nnunet_kd.training.precision import CPUAutocastMixin
 
 
-class nnUNetTrainerModalityDropout(nnUNetTrainer):
+class nnUNetTrainerModalityDropout(CompiledGraphLogMixin, CPUAutocastMixin, nnUNetTrainer):
     """Baseline for MGSD: the same full + randomly masked passes, supervised loss only.
 
     It shares MGSD's masking and data path, so comparing the two isolates the distillation terms.
@@ -46,6 +48,7 @@ class nnUNetTrainerModalityDropout(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        check_budget_environment()  # before nnU-Net creates the fold folder and its log
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget_overrides(self)
         self.modality_channels = dataset_channels(self.__class__.__name__, dataset_json, [self.mask_modalities])[0]
@@ -66,7 +69,7 @@ class nnUNetTrainerModalityDropout(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
         self.optimizer.zero_grad(set_to_none=True)
         _, stacked = self._two_pass_inputs(data)
-        with autocast_for(self.device):
+        with self.step_autocast():
             full_out, masked_out = self._split(self.network(stacked))
             loss = self.loss(full_out, target) + self.loss(masked_out, target)
         backward_and_step(loss, [self.optimizer], [self.network], self.grad_scaler)
@@ -181,7 +184,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         """EMA outputs (deep-supervision list) and EMA bottleneck (B, C_b, *s) for the full input, read from
         the U-Net's encoder skips instead of hooks."""
         skips = self.ema_network.encoder(data)
-        return self.ema_network.decoder(skips), skips[-1]
+        return [o.float() for o in self.ema_network.decoder(skips)], skips[-1]  # float32 logits for the image KD
 
     def _extra_aux_modules(self, unet: nn.Module) -> Dict[str, nn.Module]:
         """Further auxiliary modules by name (trained with the heads' optimiser, saved with them)."""
@@ -239,7 +242,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
         modality_mask, stacked = self._two_pass_inputs(data)
-        with autocast_for(self.device):
+        with self.step_autocast():
             # One forward over full and masked samples: InstanceNorm is per sample, so this equals two passes.
             full_out, masked_out = self._split(self.network(stacked))
             features = self.tap.take()

@@ -28,12 +28,14 @@ from nnunet_kd.brats import dataset_modalities
 from nnunet_kd.losses.cdsfl import CDSFL
 from nnunet_kd.losses.mtcmkd_student import STUDENT_TERMS, ResponseKD, student_loss_terms
 from nnunet_kd.losses.performance import PerformanceTracker, whole_tumour_channel, whole_tumour_stats
-from nnunet_kd.training.budget import apply_budget_overrides
+from nnunet_kd.training.budget import apply_budget_overrides, check_budget_environment
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
+from nnunet_kd.training.compilation import CompiledGraphLogMixin
 from nnunet_kd.training.gradient_shares import GradientShareMeter, allow_retained_compiled_graphs
 from nnunet_kd.training.features import FeatureTap, InputChannelSelector, decoder_channels, unwrap_network
 from nnunet_kd.training.model_folder import dataset_channels, subset_dataset_json, subset_plans
-from nnunet_kd.training.optimisation import autocast_for, backward_and_step, sgd_with_poly_lr
+from nnunet_kd.training.optimisation import backward_and_step, sgd_with_poly_lr
+from nnunet_kd.training.precision import CPUAutocastMixin
 from nnunet_kd.training.teachers import load_frozen_teacher, resolve_teacher_checkpoint
 
 
@@ -41,7 +43,7 @@ from nnunet_kd.training.teachers import load_frozen_teacher, resolve_teacher_che
 DISTILLATION_LOG = "distillation_log.json"
 
 
-class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
+class nnUNetTrainerMTCMKD(CompiledGraphLogMixin, CPUAutocastMixin, CheckpointSectionMixin, nnUNetTrainer):
     """MTCM-KD with a T1ce student and three unimodal teachers (T1, T2, FLAIR), trained online."""
 
     student_modality: str = "T1ce"
@@ -77,6 +79,7 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        check_budget_environment()  # before nnU-Net creates the fold folder and its log
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget_overrides(self)
         self.student_channels, *self.teacher_channels = dataset_channels(
@@ -188,10 +191,11 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
             for teacher, tap, channels in zip(self.teachers, self.teacher_taps, self.teacher_channels):
                 out = teacher(data[:, channels])
                 # Pretrained teachers run without deep supervision: only their full-resolution output exists.
-                outputs.append(out if isinstance(out, (list, tuple)) else [out])
+                # float32 for the losses that read them (seg loss, KL), as the student's.
+                outputs.append([o.float() for o in out] if isinstance(out, (list, tuple)) else [out.float()])
                 for lvl, feat in tap.take()["decoder"].items():
                     features[lvl].append(feat)
-        return outputs, self.cdsfl(features)
+        return outputs, {lvl: fused.float() for lvl, fused in self.cdsfl(features).items()}
 
     def _teacher_loss(self, outputs, fused, target) -> torch.Tensor:
         cdsfl_loss = sum(self.loss.loss(fused[lvl], target[lvl]) for lvl in self.cdsfl_levels)
@@ -220,7 +224,7 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher_optimizer.zero_grad(set_to_none=True)
-        with autocast_for(self.device):
+        with self.step_autocast():
             teacher_outputs, fused = self._teacher_forward(data)
             teacher_loss = self._teacher_loss(teacher_outputs, fused, target)
             # The losses see float32 logits, where each term's own (unscaled) gradient is measured: under
@@ -279,7 +283,7 @@ class nnUNetTrainerMTCMKD(CheckpointSectionMixin, nnUNetTrainer):
         result = super().validation_step({**batch, "data": data[:, self.student_channels]})
         data = data.to(self.device, non_blocking=True)
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]]
-        with autocast_for(self.device):
+        with self.step_autocast():
             teacher_outputs, fused = self._teacher_forward(data)
         outputs = {f"teacher{i}": o[0] for i, o in enumerate(teacher_outputs)}
         outputs.update({f"cdsfl{lvl}": fused[lvl] for lvl in self.cdsfl_levels})

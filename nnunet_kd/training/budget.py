@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Dict
+
+from nnunet_kd.cli import fail
 
 #: Environment variables that shorten training: name -> trainer attribute.
 BUDGET_ENV = {
@@ -14,12 +16,13 @@ BUDGET_ENV = {
 }
 
 
-def apply_budget_overrides(trainer: Any) -> None:
-    """Set epochs / iterations from ``nnUNet_kd_*`` environment variables when present.
+def read_budget() -> Dict[str, int]:
+    """Trainer attribute -> value for each ``nnUNet_kd_*`` budget variable that is set (empty = unset).
 
-    nnUNetv2_train passes no trainer options, so like nnU-Net's ``nnUNet_compile`` the
-    budget comes from the environment. Bad values raise a ValueError naming the variable.
+    nnUNetv2_train passes no trainer options, so like nnU-Net's ``nnUNet_compile`` the budget comes from
+    the environment. A bad value raises a ValueError naming the variable and the allowed values.
     """
+    budget = {}
     for env_name, attribute in BUDGET_ENV.items():
         raw = os.environ.get(env_name)
         if raw is None or raw == "":
@@ -27,7 +30,26 @@ def apply_budget_overrides(trainer: Any) -> None:
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(f"environment variable {env_name}={raw!r} must be a positive integer") from None
+            value = 0
         if value < 1:
-            raise ValueError(f"environment variable {env_name}={raw!r} must be a positive integer")
+            raise ValueError(f"environment variable {env_name}={raw!r}: allowed are whole numbers of at least 1 "
+                             f"(e.g. {env_name}=2), or leave it unset for nnU-Net's default")
+        budget[attribute] = value
+    return budget
+
+
+def check_budget_environment() -> None:
+    """Stop with one ``error: ...`` line on stderr and exit status 1 if a budget variable is bad.
+
+    Trainers call it before ``nnUNetTrainer.__init__``, which creates the fold folder and its log.
+    """
+    try:
+        read_budget()
+    except ValueError as e:
+        fail(str(e))
+
+
+def apply_budget_overrides(trainer: Any) -> None:
+    """Set epochs / iterations from the ``nnUNet_kd_*`` environment variables that are set (see read_budget)."""
+    for attribute, value in read_budget().items():
         setattr(trainer, attribute, value)

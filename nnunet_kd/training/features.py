@@ -4,15 +4,21 @@ dynamic_network_architectures' U-Nets (PlainConvUNet, ResidualEncoderUNet) expos
 ``encoder.stages`` and ``decoder.stages``; forward hooks on those stages capture the
 bottleneck and the decoder features of every forward pass.
 
-The hooks also work under torch.compile (checked for torch 2.15 in
-tests/training/test_compiled_features.py): Dynamo inlines them and replays their stores after the
-compiled graph, so the features are the graph's outputs, with gradients. Dynamo only sees hooks that
-exist at its first call of the network, so create the FeatureTap before the first forward pass; a tap
-created later stays empty and ``take()`` raises.
+Under torch.compile (tested with torch 2.14 in tests/training/test_compiled_features.py and, over
+several epochs of every trainer, tests/trainers/test_compiled_training.py) Dynamo inlines the hooks and
+replays their stores after the compiled graph, so the features are the graph's outputs, with gradients.
+Two things make that hold:
+
+- Dynamo compiles one graph per code object, shared by every instance of a class, and by default
+  (``torch._dynamo.config.skip_nnmodule_hook_guards``) does not check whether an instance has hooks. A
+  graph traced for an untapped U-Net (MTCM-KD's student) would then run for tapped ones of the same
+  shape (its unimodal teachers) and skip their hooks, leaving the tap empty from the second step on.
+  Creating a FeatureTap therefore makes Dynamo guard on hooks, for the whole process.
+- Dynamo only sees hooks that exist when it traces: create the FeatureTap before the first forward pass.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,13 +62,20 @@ class FeatureTap:
 
     After each forward pass of ``network``, ``take()`` returns
     ``{"decoder": {level: Tensor (B, C_level, *spatial_level)}, "bottleneck": Tensor (B, C_b, *s_b)}``
-    and clears the store, so features of one pass never leak into the next.
+    and clears the store, so features of one pass never leak into the next. Passes nobody takes features
+    from (nnU-Net's validation) just overwrite them.
     """
 
     def __init__(self, network: nn.Module, ds_levels: Sequence[int] = (), bottleneck: bool = False):
+        # Graphs of untapped and tapped networks must not be interchangeable (module docstring).
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         unet = unwrap_network(network)
         self.ds_levels = tuple(int(level) for level in ds_levels)
-        self._store: Dict[str, torch.Tensor] = {}
+        self.bottleneck = bottleneck
+        # Every key is always present: Dynamo guards on the store's keys, so a store that filled and emptied
+        # would make the compiled network recompile whenever a pass was not followed by take().
+        keys = [f"decoder{level}" for level in self.ds_levels] + (["bottleneck"] if bottleneck else [])
+        self._store: Dict[str, Optional[torch.Tensor]] = dict.fromkeys(keys)
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         for level in self.ds_levels:
             stage = unet.decoder.stages[decoder_stage_index(unet, level)]
@@ -70,7 +83,6 @@ class FeatureTap:
         if bottleneck:
             last = unet.encoder.stages[-1]
             self._handles.append(last.register_forward_hook(self._saver("bottleneck", last)))
-        self.bottleneck = bottleneck
 
     def _saver(self, key: str, tapped: nn.Module):
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
@@ -81,14 +93,15 @@ class FeatureTap:
         return hook
 
     def take(self) -> Dict[str, object]:
-        missing = [f"decoder{level}" for level in self.ds_levels if f"decoder{level}" not in self._store]
-        if missing or (self.bottleneck and "bottleneck" not in self._store):
+        if any(feature is None for feature in self._store.values()):
             raise RuntimeError("FeatureTap.take() called before a forward pass of the tapped network (under "
-                               "torch.compile: was the tap created after the network's first compiled call?)")
+                               "torch.compile: was the tap created after the network's first compiled call, or "
+                               "was skip_nnmodule_hook_guards set back to True?)")
         out = {"decoder": {level: self._store[f"decoder{level}"] for level in self.ds_levels}}
         if self.bottleneck:
             out["bottleneck"] = self._store["bottleneck"]
-        self._store = {}
+        for key in self._store:
+            self._store[key] = None
         return out
 
     def remove(self) -> None:

@@ -1,19 +1,13 @@
-"""nnU-Net's optimisation recipe for networks beside ``trainer.network``: SGD with poly decay, mixed
-precision, clipping, and one backward + step over several optimisers."""
+"""nnU-Net's optimisation recipe for networks beside ``trainer.network``: SGD with poly decay, clipping, and
+one backward + step over several optimisers (with nnU-Net's grad scaler). Autocast: training/precision.py."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from nnunet_kd.training.distributed import average_gradients
-
-
-def autocast_for(device: torch.device):
-    """nnU-Net's mixed precision: autocast on CUDA, nothing elsewhere (CPU autocast is slow, MPS unsupported)."""
-    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float = 12.0) -> None:

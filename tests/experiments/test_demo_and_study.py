@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from nnunet_kd.experiments.demo import NEXT_HEADER, NEXT_OUTPUTS
 from nnunet_kd.experiments.study_design import BASELINE
 
 
@@ -26,6 +32,40 @@ def test_demo_runs_mtcmkd_and_mgsd(tmp_path, bin_path, nnunet_env, run_cmd):
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         assert f"export {var}={work / var}" in proc.stdout
     assert (work / ".nnunet_kd_demo").is_file()
+
+    # The commands printed at the end run as printed, one after the other, in a shell where only the virtual
+    # environment is active: the nnU-Net folders and the trainer lookup come from the printed lines alone.
+    printed = proc.stdout.split(NEXT_HEADER + "\n", 1)[1].strip().splitlines()
+    assert printed == report["next_commands"]
+    assert printed[3] == 'eval "$(nnunet_kd_env)"'
+    assert [c.split()[0] for c in printed[4:]] == ["nnUNetv2_predict", "nnunet_kd_evaluate", "nnunet_kd_predict",
+                                                   "nnunet_kd_evaluate", "nnunet_kd_evaluate_missing"]
+    assert all("-device cpu" in c for c in printed if "predict" in c or "missing" in c)
+    shell_env = {k: v for k, v in env.items()
+                 if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")}
+    shell_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + shell_env.get("PATH", os.defpath)
+    run_cmd(["bash", "-e", "-c", "\n".join(printed)], shell_env, timeout=1500)
+
+    out = work / NEXT_OUTPUTS
+    labels = sorted((work / "nnUNet_raw").glob("Dataset991_*/labelsTr/*.nii.gz"))
+    assert len(labels) == 1
+    for folder, name in (("mtcmkd_T1ce", "MTCM-KD student, T1ce only"),
+                         ("mgsd_T1ce_FLAIR", "MGSD, T1ce + FLAIR (T1, T2 missing)")):
+        predictions = sorted((out / folder).glob("*.nii.gz"))
+        assert [p.name for p in predictions] == [p.name for p in labels]  # one segmentation per held-out case
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions[0])))
+        assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(labels[0]))).shape
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3}
+        scored = json.loads((out / f"{folder}.json").read_text())
+        assert list(scored["cases"]) == [labels[0].name[:-len(".nii.gz")]]
+        for region in ("WT", "TC", "ET"):
+            assert 0 <= scored["mean"][region]["dice"] <= 1 and scored["mean"][region]["hd95"] >= 0
+            # the same model on the same inputs as the demo's own prediction: the same score
+            assert scored["mean"][region]["dice"] == pytest.approx(report["scores"][name][region]["dice"], abs=1e-6)
+    missing = json.loads((out / "missing_modalities" / "missing_modalities.json").read_text())
+    assert len(missing["combinations"]) == 15 and "T1ce+FLAIR" in missing["combinations"]
+    for entry in missing["combinations"].values():
+        assert all(0 <= entry["mean"][r]["dice"] <= 1 for r in ("WT", "TC", "ET"))
 
 
 def test_study_on_synthetic_data_resume_and_collect(tmp_path, bin_path, nnunet_env, run_cmd):

@@ -1,9 +1,14 @@
-"""The real trainers' train_step under DDP (2 gloo processes on the CPU) at nnU-Net's CUDA defaults.
+"""The real trainers under DDP (2 gloo processes on the CPU) at nnU-Net's defaults, over several steps across
+an epoch boundary (two full epochs: training steps, validation, epoch end).
 
-On CUDA nnU-Net compiles its network and then gives the lowest deep-supervision level loss weight 0, so
-the heads of that level get no gradient in any network that runs eagerly. After a few steps on different
-data per rank, every module of the trainer (student, teachers, CDSFL, EMA, auxiliary heads) must hold
-the same weights on both ranks.
+- ``compiled``: the CUDA default. nnU-Net compiles its network (forced here, with the aot_eager backend) and
+  gives the lowest deep-supervision level loss weight 0, so the heads of that level get no gradient in any
+  network that runs eagerly; compiled networks give every parameter one, zeros included.
+- ``eager``: ``nnUNet_compile=0``. nnU-Net then gives the lowest level a weight of 1e-6 instead; every trainer
+  must use exactly that weight and train.
+
+After the steps, on different data per rank, every module of the trainer (student, teachers, CDSFL, EMA,
+auxiliary heads) must hold the same weights on both ranks.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ TRAINERS = {
     "nnUNetTrainerMGSD": ("nnunet_kd.trainers.nnUNetTrainerMGSD", 0),
     "nnUNetTrainerModalityDropout": ("nnunet_kd.trainers.nnUNetTrainerMGSD", 0),
 }
-STEPS = 3
+EPOCHS, STEPS = 2, 2
+MODES = ("compiled", "eager")
 
 
 def _free_port() -> int:
@@ -42,35 +48,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cuda_compile_weights(num_levels: int) -> np.ndarray:
-    """nnU-Net's deep-supervision weights when it compiles (CUDA default): 1/2^i, lowest level 0, sum 1."""
+def stock_weights(num_levels: int, lowest: float) -> np.ndarray:
+    """nnU-Net's deep-supervision weights: 1/2^i, the lowest level ``lowest`` (0 compiled, 1e-6 under DDP
+    without compilation), normalised to sum 1."""
     weights = np.array([1 / 2 ** i for i in range(num_levels)])
-    weights[-1] = 0
+    weights[-1] = lowest
     return weights / weights.sum()
 
 
-def _patch_nnunet_for_cpu_ddp() -> None:
-    """Make this process's nnU-Net build DDP trainers on the CPU with its CUDA-compile loss weights.
+def _patch_nnunet_for_cpu_ddp(mode: str) -> None:
+    """Let this process's nnU-Net build DDP trainers on the CPU; in ``compiled`` mode, compile as on CUDA.
 
-    nnU-Net wraps its own network in DDP with CUDA device ids; on CUDA that network is compiled, and a
-    compiled network gives every parameter a gradient (zeros for the unused heads). Here it runs eagerly,
-    so its DDP wrapper looks for unused parameters instead: the stand-in for compilation. The plugin's
-    own DDP wrappers are left as they are: they are what this test checks.
+    nnU-Net wraps its network in DDP with CUDA device ids; on the CPU DDP takes none. Nothing else changes:
+    the plugin's own DDP wrappers are what this test checks.
     """
+    import functools
+
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as base
 
-    def ddp_as_if_compiled(module, device_ids=None, **kwargs):
-        return DistributedDataParallel(module, find_unused_parameters=True)
+    def ddp_on_cpu(module, device_ids=None, **kwargs):
+        return DistributedDataParallel(module, **kwargs)
 
-    build_loss = base.nnUNetTrainer._build_loss
-
-    def build_loss_as_on_cuda(self):
-        loss = build_loss(self)
-        loss.weight_factors = tuple(cuda_compile_weights(len(loss.weight_factors)))
-        return loss
-
-    base.DDP = ddp_as_if_compiled
-    base.nnUNetTrainer._build_loss = build_loss_as_on_cuda
+    base.DDP = ddp_on_cpu
+    if mode == "compiled":
+        base.nnUNetTrainer._do_i_compile = lambda self: True
+        torch.compile = functools.partial(torch.compile, backend="aot_eager")
 
 
 def _modules(trainer) -> Dict[str, nn.Module]:
@@ -89,13 +91,13 @@ def _digests(modules: Dict[str, nn.Module]) -> Dict[str, str]:
             for m, module in modules.items() for k, v in module.state_dict().items()}
 
 
-def _train(rank: int, trainer_name: str, setup: dict) -> dict:
+def _train(rank: int, trainer_name: str, mode: str, setup: dict) -> dict:
     import importlib
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    _patch_nnunet_for_cpu_ddp()
-    module_name, epoch = TRAINERS[trainer_name]
+    _patch_nnunet_for_cpu_ddp(mode)
+    module_name, first_epoch = TRAINERS[trainer_name]
     cls = getattr(importlib.import_module(module_name), trainer_name)
     plans = load_json(setup["plans"])
     plans["continue_training"] = False
@@ -104,25 +106,32 @@ def _train(rank: int, trainer_name: str, setup: dict) -> dict:
     assert trainer.is_ddp
     trainer.device, trainer.grad_scaler = torch.device("cpu"), None  # nnU-Net assumes that DDP means CUDA
     trainer.initialize()
-    assert trainer.loss.weight_factors[-1] == 0
+    expected = stock_weights(len(trainer.loss.weight_factors), 0.0 if mode == "compiled" else 1e-6)
+    np.testing.assert_allclose(trainer.loss.weight_factors, expected, rtol=1e-12, atol=0)
     before = _digests(_modules(trainer))
-    trainer.current_epoch = epoch
-    trainer.on_train_epoch_start()
-    outputs = [trainer.train_step(batch) for batch in setup["batches"][rank]]
-    trainer.on_train_epoch_end(outputs)
+    losses = []
+    for epoch in range(first_epoch, first_epoch + EPOCHS):
+        trainer.current_epoch = epoch
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = [trainer.train_step(batch) for batch in setup["batches"][rank][epoch - first_epoch]]
+        trainer.on_train_epoch_end(outputs)
+        losses += [float(o["loss"]) for o in outputs]
+        trainer.on_validation_epoch_start()
+        trainer.on_validation_epoch_end([trainer.validation_step(setup["batches"][rank][0][0])])
+        trainer.on_epoch_end()
     after = _digests(_modules(trainer))
     history = getattr(trainer, "kd_history", None) or getattr(trainer, "distillation_log", None)
-    return {"before": before, "after": after, "losses": [float(o["loss"]) for o in outputs],
-            "last_history": history[-1] if history else None}
+    return {"before": before, "after": after, "losses": losses, "last_history": history[-1] if history else None}
 
 
-def _worker(rank: int, port: int, trainer_name: str, setup: dict, results) -> None:
+def _worker(rank: int, port: int, trainer_name: str, mode: str, setup: dict, results) -> None:
     os.environ.update(setup["env"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        results[rank] = _train(rank, trainer_name, setup)
+        results[rank] = _train(rank, trainer_name, mode, setup)
     except BaseException:
         results[rank] = {"error": traceback.format_exc()}
         raise
@@ -131,35 +140,35 @@ def _worker(rank: int, port: int, trainer_name: str, setup: dict, results) -> No
 
 
 @pytest.fixture(scope="module")
-def ddp_setup(brats_dataset, tmp_path_factory, load_trainer, synthetic_batch) -> dict:
+def ddp_setup(brats_dataset, small_plans, tmp_path_factory, load_trainer, synthetic_batch) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_kd.experiments.benchmark_measure import make_frozen_teachers
 
     root = tmp_path_factory.mktemp("ddp")
-    dataset_json = brats_dataset["dataset_json"]
-    plans_file = brats_dataset["preprocessed"] / "nnUNetPlans.json"
-    teachers, _ = make_frozen_teachers(str(root), json.loads(plans_file.read_text()), dataset_json, "3d_fullres",
+    teachers, _ = make_frozen_teachers(str(root), small_plans["plans"], brats_dataset["dataset_json"], "3d_fullres",
                                        "unimodal", (0, 1, 2))
-    # Batches for all trainers (same plans, all four channels), different on each rank.
-    stock = load_trainer(brats_dataset, nnUNetTrainer)
-    batches = [[synthetic_batch(stock, batch_size=1, seed=100 * step + rank) for step in range(STEPS)]
-               for rank in range(2)]
-    return {"plans": str(plans_file), "batches": batches, "dataset_json": str(brats_dataset["preprocessed"] / "dataset.json"),
+    # Batches for all trainers (same plans, all four channels): per rank, epoch and step, different on each rank.
+    stock = load_trainer(brats_dataset, nnUNetTrainer, plans=small_plans["name"])
+    batches = [[[synthetic_batch(stock, batch_size=1, seed=1000 * rank + 100 * epoch + step) for step in range(STEPS)]
+                for epoch in range(EPOCHS)] for rank in range(2)]
+    return {"plans": str(small_plans["file"]), "batches": batches,
+            "dataset_json": str(brats_dataset["preprocessed"] / "dataset.json"),
             "env": {"nnUNet_preprocessed": str(brats_dataset["root"] / "preprocessed"),
                     "nnUNet_results": str(root / "results"), "nnUNet_compile": "0", "OMP_NUM_THREADS": "1",
                     "nnUNet_kd_teachers": os.pathsep.join(teachers)}}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("trainer_name", list(TRAINERS))
-def test_ranks_hold_identical_weights_after_train_steps(ddp_setup, trainer_name):
+def test_ranks_hold_identical_weights_after_two_epochs(ddp_setup, trainer_name, mode):
     results = mp.Manager().dict()
     try:
-        mp.spawn(_worker, args=(_free_port(), trainer_name, ddp_setup, results), nprocs=2, join=True)
+        mp.spawn(_worker, args=(_free_port(), trainer_name, mode, ddp_setup, results), nprocs=2, join=True)
     except Exception as e:
         errors = "\n".join(r["error"] for r in results.values() if "error" in r)
-        pytest.fail(f"{trainer_name} failed under DDP: {e}\n{errors}")
+        pytest.fail(f"{trainer_name} failed under DDP ({mode}): {e}\n{errors}")
     r0, r1 = results[0], results[1]
     assert r0["after"].keys() == r1["after"].keys()
     differing = [k for k in r0["after"] if r0["after"][k] != r1["after"][k]]

@@ -107,7 +107,10 @@ def test_dynamo_traces_the_taps_without_recompiling(build):
     assert set(result_c[1]["decoder"]) == {0, 1}
 
 
-def test_tap_created_after_the_first_compiled_call_fails_loudly():
+def test_tap_created_after_the_first_compiled_call_fails_loudly(monkeypatch):
+    # a process in which no tap existed at the first compilation: Dynamo's default, no guards on hooks
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
+    torch._dynamo.reset()
     network = torch.compile(_plain_unet(2), backend=CountingBackend())
     x = torch.randn(1, 1, 16, 16, 16)
     network(x)
@@ -130,3 +133,51 @@ def test_a_deepcopy_of_the_tapped_network_does_not_feed_the_tap():
             tap.take()
         network(x)
     torch.testing.assert_close(tap.take()["bottleneck"], expected["bottleneck"])
+
+
+def test_untapped_and_tapped_networks_of_one_shape_keep_their_own_graphs(monkeypatch):
+    """MTCM-KD's case: a student without hooks and teachers with taps, all the same U-Net on one channel.
+
+    Dynamo shares a graph between instances of a class. Without guards on hooks (its default), the student's
+    hook-free graph, compiled after the teachers', ran for the teachers from the next step on and their taps
+    stayed empty ("FeatureTap.take() called before a forward pass")."""
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # Dynamo's default
+    torch._dynamo.reset()
+    teachers = [_plain_unet(2) for _ in range(2)]
+    student = _plain_unet(2)
+    backend = CountingBackend()
+    for network in (*teachers, student):
+        network.compile(backend=backend)  # in place, as the trainers compile teachers
+    taps = [FeatureTap(t, (0,), bottleneck=True) for t in teachers]
+    for step in range(3):
+        x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(step))
+        for teacher, tap in zip(teachers, taps):
+            outputs = teacher(x)
+            features = tap.take()
+            torch.testing.assert_close(outputs[0], teacher._call_impl(x)[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(features["bottleneck"], tap.take()["bottleneck"], atol=1e-5, rtol=1e-4)
+        student(x)
+    # one graph for the tapped U-Nets, one for the untapped student; none after the first step
+    assert backend.graphs == 2
+
+
+def test_passes_without_take_do_not_recompile():
+    """nnU-Net's validation runs the tapped network and nobody takes the features; the next training pass
+    must reuse its graph (the store's keys stay fixed: Dynamo guards on them)."""
+    network = _plain_unet(2)
+    backend = CountingBackend()
+    network.compile(backend=backend)
+    tap = FeatureTap(network, (0,), bottleneck=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    for _ in range(2):
+        network(x)  # a training pass ...
+        first = tap.take()
+        with torch.no_grad():  # ... and two validation passes without take()
+            network(x)
+            network(x * 2)
+    assert backend.graphs == 2  # one with gradients, one without
+    # the store holds the last pass's features, replaced, not accumulated
+    last = tap.take()["bottleneck"]
+    assert last.shape == first["bottleneck"].shape and last.grad_fn is None
+    with pytest.raises(RuntimeError):
+        tap.take()

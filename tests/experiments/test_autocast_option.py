@@ -1,0 +1,89 @@
+"""--autocast of nnunet_kd_study and of the benchmark: passed to the trainings' environment and recorded."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nnunet_kd.experiments import benchmark, benchmark_report, study
+from nnunet_kd.experiments.study_design import StudyError, StudySettings
+from nnunet_kd.training.precision import AUTOCAST_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def fake_study(monkeypatch):
+    """run_study with its steps replaced by recorders: the environment every step gets, nothing trained."""
+    envs = []
+    monkeypatch.setattr(study, "prepare_split", lambda root, split, settings, env: envs.append(env))
+    monkeypatch.setattr(study, "train_and_score", lambda root, model, settings, env: envs.append(env))
+    monkeypatch.setattr(study, "collect_split", lambda *a: {})
+    monkeypatch.setattr(study, "write_report", lambda *a: {})
+    return envs
+
+
+@pytest.mark.parametrize("choice,expected", [("bf16", "bf16"), ("none", "")])
+def test_study_passes_autocast_to_every_step_and_records_it(fake_study, monkeypatch, tmp_path, choice, expected):
+    monkeypatch.setenv(AUTOCAST_ENV, "bf16" if choice == "none" else "")  # the caller's value does not leak
+    study.run_study(str(tmp_path / "work"), [0], StudySettings(autocast=choice))
+    assert fake_study and all(env[AUTOCAST_ENV] == expected for env in fake_study)
+    assert json.loads((tmp_path / "work" / study.WORKDIR_MARKER).read_text())["autocast"] == choice
+
+
+def test_study_resume_treats_older_work_dirs_as_fp32(fake_study, tmp_path):
+    work = tmp_path / "work"
+    study.run_study(str(work), [0], StudySettings())
+    record = json.loads((work / study.WORKDIR_MARKER).read_text())
+    del record["autocast"]  # as written before --autocast existed
+    (work / study.WORKDIR_MARKER).write_text(json.dumps(record))
+    study.run_study(str(work), [0], StudySettings(), resume=True)
+    (work / study.WORKDIR_MARKER).write_text(json.dumps(record))
+    with pytest.raises(StudyError, match="autocast was 'none', now 'bf16'"):
+        study.run_study(str(work), [0], StudySettings(autocast="bf16"), resume=True)
+
+
+def test_study_command_line(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(study, "run_study", lambda workdir, splits, settings, *a: seen.append(settings))
+    assert study.main(["--autocast", "bf16", "--device", "cpu", "--workdir", str(tmp_path / "w")]) == 0
+    assert study.main(["--device", "cpu", "--workdir", str(tmp_path / "w")]) == 0
+    assert [s.autocast for s in seen] == ["bf16", "none"]
+    with pytest.raises(SystemExit):
+        study._parser().parse_args(["--autocast", "fp16"])
+
+
+def test_benchmark_stock_row_gets_the_same_autocast():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert benchmark._parser().parse_args(["--toy"]).autocast == "none"
+    bf16 = SimpleNamespace(autocast="bf16")
+    assert benchmark._stock_trainer(bf16, cpu) == benchmark.STOCK_WITH_CPU_AUTOCAST
+    assert benchmark._stock_trainer(bf16, cuda) == benchmark_report.STOCK  # CUDA keeps nnU-Net's own autocast
+    assert benchmark._stock_trainer(SimpleNamespace(autocast="none"), cpu) == benchmark_report.STOCK
+
+
+@pytest.mark.slow
+def test_benchmark_toy_run_in_bf16(tmp_path):
+    out = tmp_path / "OUT.json"
+    env = dict(os.environ, nnUNet_n_proc_DA="1", nnUNet_compile="0", OMP_NUM_THREADS="2")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_kd_teachers", AUTOCAST_ENV):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "nnunet_kd.experiments.benchmark", "--toy", "--steps", "1", "--warmup", "0",
+           "--data-loading-steps", "1", "--skip-inference", "--device", "cpu", "--trainers", "nnUNetTrainer",
+           "nnUNetTrainerMGSD", "--autocast", "bf16", "--work-dir", str(tmp_path / "work"), "-o", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "autocast: bf16 (stock row: nnUNetTrainerBudget)" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["meta"]["autocast"] == "bf16" and result["meta"]["stock_measured_as"] == "nnUNetTrainerBudget"
+    line = "precision: bf16 autocast on the CPU (nnUNet_kd_autocast=bf16)"
+    assert result["meta"]["precision"] == line
+    stock = result["trainers"]["nnUNetTrainer"]
+    assert stock["class"].endswith(".nnUNetTrainerBudget") and stock["precision"] == line and stock["loss_finite"]
+    assert result["trainers"]["nnUNetTrainerMGSD"]["precision"] == line
