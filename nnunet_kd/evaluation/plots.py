@@ -1,5 +1,6 @@
 """The figures: per-region box plots of a folder's scores, the heat map of the missing-modality table
-(combinations x regions), and the study's paired differences, model means and gradient shares."""
+(combinations x regions), and the study's paired differences, model means, gradient shares and learning
+curves."""
 from __future__ import annotations
 
 import os
@@ -174,6 +175,46 @@ def plot_gradient_shares(shares: Mapping[str, Mapping], path: str) -> str:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("share of the gradient norm")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_learning_curves(curves: Mapping[str, Mapping], path: str) -> str:
+    """Validation pseudo-Dice over the epochs: the EMA of the mean over regions (first panel, what the
+    flattening rule reads), then each region's pseudo-Dice; one colour per model, one line style per split.
+
+    ``curves``: ``{model: {"splits": {split: {"ema_fg_dice": [epoch], "dice_per_region": {region: [epoch]}}}}}``
+    as :func:`nnunet_kd.experiments.study_report.summarise_learning_curves` returns.
+    """
+    from matplotlib.lines import Line2D
+
+    models = list(curves)
+    splits = list(dict.fromkeys(s for entry in curves.values() for s in entry["splits"]))
+    regions = list(dict.fromkeys(r for entry in curves.values() for c in entry["splits"].values()
+                                 for r in c["dice_per_region"]))
+    styles = ("-", "--", ":", "-.")
+    panels = [("EMA pseudo-Dice (mean over regions)", None)] + [(f"{r} pseudo-Dice", r) for r in regions]
+    handles = ([Line2D([], [], color=f"C{i % 10}", label=m) for i, m in enumerate(models)]
+               + [Line2D([], [], color="grey", ls=styles[i % len(styles)], label=s) for i, s in enumerate(splits)])
+    legend_rows = -(-len(handles) // 2)
+    legend_h = 0.2 * legend_rows + 0.3  # inches below the panels
+    fig = _new_figure((3.6 * len(panels), 3.6 + legend_h))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (title, region) in zip(axes, panels):
+        for m_index, model in enumerate(models):
+            for split, c in curves[model]["splits"].items():
+                values = c["ema_fg_dice"] if region is None else c["dice_per_region"].get(region, [])
+                # markers: a one-epoch curve is a point
+                ax.plot(np.arange(len(values)), values, color=f"C{m_index % 10}", marker="o", markersize=2,
+                        ls=styles[splits.index(split) % len(styles)], linewidth=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation pseudo-Dice")
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0.0, legend_h / (3.6 + legend_h), 1.0, 1.0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

@@ -11,7 +11,9 @@ reference's KD variants), MGSD and modality dropout fed T1ce alone, stock nnU-Ne
 Every model is scored on the held-out cases (Dice, HD95 for WT, TC, ET); MGSD and modality dropout also
 over all 15 modality combinations. The report pools the held-out cases of all splits and gives each model's
 paired per-case differences to the baseline with a 95 % bootstrap interval and the Wilcoxon signed-rank
-p-value (study.json, study.md, study_dice.png, study_paired.png).
+p-value (study.json, study.md, study_dice.png, study_paired.png), and every model's learning curve per split
+(nnU-Net's validation pseudo-Dice per epoch from its checkpoint, unfinished trainings too) with whether it has
+flattened (study_learning_curves.png).
 
 Models train model by model over all splits, so an interrupted study already has its cheapest models on
 every split. ``--resume`` continues in the same work dir (also a killed training, from its last epoch);

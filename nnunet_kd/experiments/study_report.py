@@ -1,5 +1,6 @@
 """The study's report: per-case scores read back from the split folders, the paired differences to the
-baseline, Markdown tables and plots (study.json, study.md, study_dice.png, study_paired.png)."""
+baseline, the learning curves, Markdown tables and plots (study.json, study.md, study_dice.png,
+study_paired.png, study_learning_curves.png)."""
 from __future__ import annotations
 
 import json
@@ -31,22 +32,87 @@ def combinations_file(root: Path, model: StudyModel) -> Path:
     return root / f"combinations_{model.slug}" / "missing_modalities.json"
 
 
-def distillation_log_file(root: Path, model: StudyModel, plans: str) -> Optional[Path]:
-    """A split's per-epoch log of a distillation trainer's loss terms (``distillation_log.json``), if it has one."""
-    found = sorted((root / "results").glob(f"Dataset{DATASET_IDS[model.dataset]}_*/{model.trainer}__{plans}__"
-                                           "3d_fullres/fold_all/distillation_log.json"))
+def model_folder(root: Path, model: StudyModel, plans: str) -> Optional[Path]:
+    """A split's nnU-Net output folder of one model (``results/DatasetNNN_*/TRAINER__PLANS__3d_fullres/fold_all``),
+    once its training has made it."""
+    found = sorted(d for d in (root / "results").glob(f"Dataset{DATASET_IDS[model.dataset]}_*/{model.trainer}__"
+                                                      f"{plans}__3d_fullres/fold_all") if d.is_dir())
     return found[0] if found else None
 
 
+def distillation_log_file(root: Path, model: StudyModel, plans: str) -> Optional[Path]:
+    """A split's per-epoch log of a distillation trainer's loss terms (``distillation_log.json``), if it has one."""
+    folder = model_folder(root, model, plans)
+    log = None if folder is None else folder / "distillation_log.json"
+    return log if log is not None and log.is_file() else None
+
+
+#: The checkpoints whose nnU-Net log gives a training's learning curve, first found first: the finished
+#: training's, else the one an unfinished training rewrites every epoch (the study saves every epoch).
+CURVE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
+#: A curve has flattened when its EMA pseudo-Dice gained less than this over the last 20 % of the epochs.
+FLAT_GAIN = 0.02
+
+
+def read_learning_curve(folder: Path) -> Optional[dict]:
+    """nnU-Net's validation pseudo-Dice per epoch, from the log that nnU-Net keeps in a fold folder's checkpoint
+    (``checkpoint["logging"]``: its logger's per-epoch lists), or None while no checkpoint is readable.
+
+    Returns ``{"checkpoint": file name, "finished": bool, "epochs": E, "mean_fg_dice": [E], "ema_fg_dice": [E],
+    "dice_per_region": {region: [E]}}``; ``finished``: read from checkpoint_final.pth. The regions are WT, TC,
+    ET (the study's datasets train them in this order), ``region N`` for any other count.
+    """
+    import torch  # here only: the rest of the report needs no torch
+
+    for name in CURVE_CHECKPOINTS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            log = torch.load(path, map_location="cpu", weights_only=False)["logging"]
+            mean, ema, per_region = (log[k] for k in ("mean_fg_dice", "ema_fg_dice", "dice_per_class_or_region"))
+        except Exception:  # being written by a stock trainer, truncated, or not nnU-Net's: try the next one
+            continue
+        epochs = min(len(mean), len(ema), len(per_region))  # a log cut within an epoch: the epochs it has whole
+        if epochs == 0:
+            continue
+        n = len(per_region[0])
+        regions = list(REGIONS) if n == len(REGIONS) else [f"region {i + 1}" for i in range(n)]
+        return {"checkpoint": name, "finished": name == "checkpoint_final.pth", "epochs": epochs,
+                "mean_fg_dice": [float(v) for v in mean[:epochs]], "ema_fg_dice": [float(v) for v in ema[:epochs]],
+                "dice_per_region": {r: [float(e[i]) for e in per_region[:epochs]] for i, r in enumerate(regions)}}
+    return None
+
+
+def flattening(ema_fg_dice: Sequence[float]) -> dict:
+    """Whether a learning curve has flattened: with E epochs, the EMA pseudo-Dice gained less than
+    :data:`FLAT_GAIN` (2 points) over the last 20 % of the epochs, i.e. from epoch index ceil(0.8 E) - 1 (the
+    last epoch before them) to the last epoch, E - 1. Under 5 epochs the two are the same epoch: no gain,
+    flattened by this rule (the report says so).
+
+    Returns ``{"from_epoch": ceil(0.8 E) - 1, "last_ema": ema[E - 1], "gain": ema[E - 1] - ema[from_epoch],
+    "flattened": gain < FLAT_GAIN}``.
+    """
+    last = len(ema_fg_dice) - 1
+    start = -(-4 * len(ema_fg_dice) // 5) - 1  # ceil(0.8 E) in integers: 0.8 * 15 is 12.000000000000002
+    gain = float(ema_fg_dice[last] - ema_fg_dice[start])
+    return {"from_epoch": start, "last_ema": float(ema_fg_dice[last]), "gain": gain, "flattened": gain < FLAT_GAIN}
+
+
 def collect_split(root: Path, models: Mapping[str, StudyModel], plans: str) -> dict:
-    """Per-case scores of the models (and combination tables) a split has finished so far, and the
-    distillation trainers' per-epoch gradient shares (``plans``: the plans name the models trained with).
+    """Per-case scores of the models (and combination tables) a split has finished so far, the
+    distillation trainers' per-epoch gradient shares (``plans``: the plans name the models trained with), and
+    the learning curve of every model that has a checkpoint, finished or not (:func:`read_learning_curve`).
 
     Returns ``{"models": {name: {case: metrics}}, "combinations": {name: {combination: {case: metrics}}},
-    "gradient_shares": {name: {"measured_at": str, "epochs": [{term: share}]}}}``.
+    "gradient_shares": {name: {"measured_at": str, "epochs": [{term: share}]}}, "learning_curves": {name: curve}}``.
     """
-    out: dict = {"models": {}, "combinations": {}, "gradient_shares": {}}
+    out: dict = {"models": {}, "combinations": {}, "gradient_shares": {}, "learning_curves": {}}
     for name, model in models.items():
+        folder = model_folder(root, model, plans)
+        curve = None if folder is None else read_learning_curve(folder)
+        if curve is not None:
+            out["learning_curves"][name] = curve
         if scores_file(root, model).exists():
             out["models"][name] = json.loads(scores_file(root, model).read_text())["cases"]
         if model.combinations and combinations_file(root, model).exists():
@@ -79,6 +145,22 @@ def mean_gradient_shares(logs: Sequence[Mapping]) -> dict:
     return {"measured_at": logs[0]["measured_at"], "splits": len(logs),
             "terms": {t: {"mean": v.mean(axis=0).tolist(), "low": v.min(axis=0).tolist(),
                           "high": v.max(axis=0).tolist()} for t, v in shares.items()}}
+
+
+def summarise_learning_curves(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -> dict:
+    """Per model with a curve in some split: each split's curve with its :func:`flattening`, and whether it
+    flattened in every split (None until every split has a curve).
+
+    Returns ``{name: {"splits": {split: {**curve, **flattening}}, "flattened_in_every_split": bool or None}}``.
+    """
+    out: dict = {}
+    for name in models:
+        splits = {s: {**split["learning_curves"][name], **flattening(split["learning_curves"][name]["ema_fg_dice"])}
+                  for s, split in per_split.items() if name in split["learning_curves"]}
+        if splits:
+            out[name] = {"splits": splits, "flattened_in_every_split": all(c["flattened"] for c in splits.values())
+                         if len(splits) == len(per_split) else None}
+    return out
 
 
 def _spread(cases: Mapping[str, Mapping]) -> dict:
@@ -125,6 +207,7 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
                 "T1ce-fed": paired_difference(pooled[name], pooled[against]),
                 "combinations": {c: paired_difference(pooled_combos[name][c], pooled_combos[against][c])
                                  for c in shared}}
+    summary["learning_curves"] = summarise_learning_curves(per_split, models)
     return summary
 
 
@@ -186,6 +269,31 @@ def gradient_shares_table(shares: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
+def learning_curves_table(curves: Mapping[str, Mapping], splits: Sequence[str]) -> str:
+    """Per model and split: the last epoch's EMA pseudo-Dice (%), its gain over the last 20 % of the epochs
+    (points) and whether it flattened; the epochs so far of an unfinished training."""
+    lines = ["| model | " + " | ".join(splits) + " | flattened in every split |",
+             "| --- |" + " --- |" * (len(splits) + 1)]
+    for name, entry in curves.items():
+        cells = []
+        for s in splits:
+            c = entry["splits"].get(s)
+            if c is None:
+                cells.append("")
+                continue
+            state = "flattened" if c["flattened"] else "not flattened"
+            if c["from_epoch"] == c["epochs"] - 1:
+                state += ": under 5 epochs, no gain to measure"
+            if not c["finished"]:
+                state += f"; unfinished, {c['epochs']} epochs"
+            cells.append(f"{100 * c['last_ema']:.1f} ({100 * c['gain']:+.1f}, {state})")
+        every = entry["flattened_in_every_split"]
+        every_cell = (f"- ({len(entry['splits'])} of {len(splits)} splits)" if every is None
+                      else "yes" if every else "no")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {every_cell} |")
+    return "\n".join(lines)
+
+
 def combinations_table(means: Mapping[str, Mapping]) -> str:
     lines = ["| available modalities | WT Dice | TC Dice | ET Dice | WT HD95 | TC HD95 | ET HD95 |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -210,8 +318,10 @@ def source_commit() -> str:
 
 def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySettings, wall_time_s: float,
                  markdown: Optional[str] = None) -> dict:
-    """study.json, study.md (and ``markdown``), study_dice.png, study_paired.png from the splits' scores."""
-    from nnunet_kd.evaluation.plots import plot_gradient_shares, plot_model_means, plot_paired_differences
+    """study.json, study.md (and ``markdown``), study_dice.png, study_paired.png, study_gradient_shares.png and
+    study_learning_curves.png from the splits' scores and logs."""
+    from nnunet_kd.evaluation.plots import (plot_gradient_shares, plot_learning_curves, plot_model_means,
+                                            plot_paired_differences)
 
     s = settings
     summary = summarise(per_split, s.models())
@@ -227,6 +337,8 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
         plot_paired_differences(summary["paired"], BASELINE, str(work / "study_paired.png"))
     if summary["gradient_shares"]:
         plot_gradient_shares(summary["gradient_shares"], str(work / "study_gradient_shares.png"))
+    if summary["learning_curves"]:
+        plot_learning_curves(summary["learning_curves"], str(work / "study_learning_curves.png"))
     splits = ", ".join(per_split)
     if s.real_brats:
         data = (f"real cases in `{s.real_brats}`, {s.folds} folds (each case is a test case once); splits run: "
@@ -236,7 +348,8 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
                 f"{'x'.join(map(str, s.shape))} voxels per seed; splits: {splits}")
     spacing = "nnU-Net's planned spacing" if s.target_spacing is None else \
         "target spacing " + "x".join(f"{v:g}" for v in s.target_spacing) + " mm"
-    md = (f"{data}; {spacing}; {s.epochs} epochs x {s.iterations} iterations per model; device {s.device}; "
+    precision = "" if s.autocast == "none" else f" ({s.autocast} autocast on the CPU)"
+    md = (f"{data}; {spacing}; {s.epochs} epochs x {s.iterations} iterations per model; device {s.device}{precision}; "
           f"{result['date']}; commit {result['commit']}"
           f"{f'; {wall_time_s:.0f} s' if np.isfinite(wall_time_s) else ''}.\n\n"
           "Held-out cases, T1ce-only input unless stated (Dice %, HD95 mm; mean ± sd over cases):\n\n"
@@ -257,6 +370,13 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
         md += ("\nEach loss term's share of the gradient per epoch, mean over splits (the trainers' "
                "distillation_log.json; range in study.json and study_gradient_shares.png):\n\n"
                + gradient_shares_table(summary["gradient_shares"]) + "\n")
+    if summary["learning_curves"]:
+        md += ("\nLearning curves: nnU-Net's validation pseudo-Dice per epoch (each fold folder's "
+               "checkpoint_final.pth, or checkpoint_latest.pth of an unfinished training; every epoch's values in "
+               "study.json and study_learning_curves.png). Last epoch's EMA pseudo-Dice (%) per split, its gain "
+               "over the last 20 % of the epochs (points; with E epochs, from epoch index ceil(0.8 E) - 1 to E - 1), "
+               f"flattened when the gain is under {100 * FLAT_GAIN:g} points:\n\n"
+               + learning_curves_table(summary["learning_curves"], list(per_split)) + "\n")
     for name, means in summary["combinations"].items():
         md += f"\n{name.replace(' fed T1ce alone', '')} over all 15 modality combinations:\n\n" \
               + combinations_table(means) + "\n"

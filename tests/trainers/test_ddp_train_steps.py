@@ -30,13 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_kd.training.features import unwrap_network
 
-#: trainer class name -> (module, epoch to run: MTCM-KD's KD starts in epoch 1)
+#: trainer class name -> module. Epochs 0 and 1: MTCM-KD's KD starts in epoch 1.
 TRAINERS = {
-    "nnUNetTrainerMTCMKD": ("nnunet_kd.trainers.nnUNetTrainerMTCMKD", 1),
-    "nnUNetTrainerMTCMKD_FrozenTeachers": ("nnunet_kd.trainers.nnUNetTrainerMTCMKD", 1),
-    "nnUNetTrainerMTCMKD_MultimodalTeacher": ("nnunet_kd.trainers.nnUNetTrainerMTCMKD", 1),
-    "nnUNetTrainerMGSD": ("nnunet_kd.trainers.nnUNetTrainerMGSD", 0),
-    "nnUNetTrainerModalityDropout": ("nnunet_kd.trainers.nnUNetTrainerMGSD", 0),
+    "nnUNetTrainerMTCMKD": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
+    "nnUNetTrainerMTCMKD_FrozenTeachers": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
+    "nnUNetTrainerMTCMKD_MultimodalTeacher": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
+    "nnUNetTrainerMGSD": "nnunet_kd.trainers.nnUNetTrainerMGSD",
+    "nnUNetTrainerModalityDropout": "nnunet_kd.trainers.nnUNetTrainerMGSD",
 }
 EPOCHS, STEPS = 2, 2
 MODES = ("compiled", "eager")
@@ -97,8 +97,7 @@ def _train(rank: int, trainer_name: str, mode: str, setup: dict) -> dict:
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     _patch_nnunet_for_cpu_ddp(mode)
-    module_name, first_epoch = TRAINERS[trainer_name]
-    cls = getattr(importlib.import_module(module_name), trainer_name)
+    cls = getattr(importlib.import_module(TRAINERS[trainer_name]), trainer_name)
     plans = load_json(setup["plans"])
     plans["continue_training"] = False
     trainer = cls(plans=plans, configuration="3d_fullres", fold=0, dataset_json=load_json(setup["dataset_json"]),
@@ -110,11 +109,11 @@ def _train(rank: int, trainer_name: str, mode: str, setup: dict) -> dict:
     np.testing.assert_allclose(trainer.loss.weight_factors, expected, rtol=1e-12, atol=0)
     before = _digests(_modules(trainer))
     losses = []
-    for epoch in range(first_epoch, first_epoch + EPOCHS):
+    for epoch in range(EPOCHS):
         trainer.current_epoch = epoch
         trainer.on_epoch_start()
         trainer.on_train_epoch_start()
-        outputs = [trainer.train_step(batch) for batch in setup["batches"][rank][epoch - first_epoch]]
+        outputs = [trainer.train_step(batch) for batch in setup["batches"][rank][epoch]]
         trainer.on_train_epoch_end(outputs)
         losses += [float(o["loss"]) for o in outputs]
         trainer.on_validation_epoch_start()
