@@ -8,15 +8,25 @@ back-propagates into every teacher, the teachers learn from each other.
 
 Works for 2-D and 3-D features: pass ``conv_op=nn.Conv2d`` / ``nn.Conv3d``
 (nnU-Net's ``plans_manager``/network ``conv_op``).
+
+Head and teachers at different weights (:func:`fuse_with_detached_copy`, :func:`cdsfl_seg_loss`): in
+the paper the fused loss enters the teacher loss at 0.08, so the fusion head itself learns at 0.08 only
+and stays poor. MTCM-KD's default lets the head learn at full weight while the teachers still get
+exactly the paper's 0.08 share of that loss: the head runs once on the teachers' features and once on a
+detached copy (one forward on the two stacked along the batch, so one DDP call); the loss is
+``w * seg(fused) + (1 - w) * seg(fused_from_detached)``. Both outputs hold the same values, so the
+head's gradient is that of ``1.0 * seg`` and the teachers' that of ``w * seg``. Every CDSFL operation
+acts per sample (pooling, MLP, 1x1 convs), so stacking does not mix the two copies; the cost is one
+extra pass of the (small) head on half-resolution features.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGate", "CDSFLFusion", "CDSFL"]
+__all__ = ["ChannelGate", "CDSFLFusion", "CDSFL", "fuse_with_detached_copy", "cdsfl_seg_loss"]
 
 
 class ChannelGate(nn.Module):
@@ -116,3 +126,48 @@ class CDSFL(nn.Module):
         if missing:
             raise ValueError(f"CDSFL needs features for level(s) {missing}, got levels {sorted(features)}")
         return {lvl: self.fusions[str(lvl)](features[lvl]) for lvl in self.levels}
+
+
+def fuse_with_detached_copy(cdsfl: nn.Module, features: Mapping[int, Sequence[Tensor]]
+                            ) -> Tuple[Dict[int, Tensor], Dict[int, Tensor]]:
+    """The fused logits from the teachers' features and from a detached copy of them, in one forward.
+
+    Args:
+        cdsfl: a :class:`CDSFL` (or a DDP wrapper of one).
+        features: level -> one (B, C_i, *spatial) tensor per teacher.
+
+    Returns:
+        ``(fused, fused_from_detached)``: level -> (B, num_outputs, *spatial) each; equal values, but
+        only ``fused`` back-propagates into the teachers.
+    """
+    stacked = {lvl: [torch.cat([f, f.detach()]) for f in feats] for lvl, feats in features.items()}
+    out = cdsfl(stacked)
+    fused, from_detached = {}, {}
+    for lvl, logits in out.items():
+        fused[lvl], from_detached[lvl] = logits.chunk(2)
+    return fused, from_detached
+
+
+def cdsfl_seg_loss(seg_loss: Callable[[Tensor, Tensor], Tensor], fused: Mapping[int, Tensor],
+                   target: Sequence[Tensor], teacher_weight: float,
+                   fused_from_detached: Mapping[int, Tensor] = None) -> Tensor:
+    """Segmentation loss of the fused output, summed over its levels, with the teachers' share.
+
+    Args:
+        seg_loss: single-level loss, (logits (B, C, *s), target (B, C', *s)) -> 0-dim.
+        fused: level -> fused logits computed from the teachers' features.
+        target: deep-supervision targets, indexed by level.
+        teacher_weight: the weight of this loss on the teachers' gradient (the paper's 0.08).
+        fused_from_detached: the same logits from detached features (:func:`fuse_with_detached_copy`).
+            Given: ``teacher_weight * seg(fused) + (1 - teacher_weight) * seg(fused_from_detached)``,
+            so the head learns at weight 1 and the teachers at ``teacher_weight``. None: the paper's
+            ``teacher_weight * seg(fused)`` (head and teachers alike).
+
+    Returns:
+        0-dim tensor.
+    """
+    loss = teacher_weight * sum(seg_loss(fused[lvl], target[lvl]) for lvl in fused)
+    if fused_from_detached is not None:
+        loss = loss + (1.0 - teacher_weight) * sum(seg_loss(fused_from_detached[lvl], target[lvl])
+                                                   for lvl in fused_from_detached)
+    return loss

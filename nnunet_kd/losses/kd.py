@@ -15,14 +15,27 @@ voxels**, like nnU-Net's Dice + CE, so the term's size does not depend on the pa
 the KL summed over every voxel and divided by the batch size only; on 3-D patches of
 ~10^5-10^6 voxels it is that many times the per-voxel mean. Kept for the reference
 variant; with batch 1 and a single voxel both reductions coincide.
+
+Per-channel weights
+-------------------
+``channel_weights`` (C,) weights each output channel's KL separately (MTCM-KD's default: a teacher
+distils only the regions it is better at). For regions this is the per-region Bernoulli KL times
+its weight. For label training the categorical KL cannot be split by class (weighting its per-class
+terms ``p_c log(p_c / q_c)`` moves the student's optimum to ``q ∝ w p``, so a class of weight 0
+would be pushed to probability 0); instead each class's softmax probability is distilled as a
+one-vs-rest Bernoulli KL, ``KL(Bern(p_c) || Bern(q_c))``, times its weight: each term is >= 0 and
+0 only when the student matches that class's probability. Without weights the loss is the plain
+(unweighted) KL above.
 """
 from __future__ import annotations
+
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["response_kd_loss", "binary_kl_from_logits", "KD_REDUCTIONS"]
+__all__ = ["response_kd_loss", "binary_kl_from_logits", "one_vs_rest_kl_from_logits", "KD_REDUCTIONS"]
 
 #: Reductions of :func:`response_kd_loss` over batch and voxels.
 KD_REDUCTIONS = ("mean", "batchmean")
@@ -39,10 +52,32 @@ def binary_kl_from_logits(teacher_logits: Tensor, student_logits: Tensor) -> Ten
         Tensor of the same shape, KL per region and voxel (>= 0 up to rounding).
     """
     # log(p) = logsigmoid(x), log(1 - p) = logsigmoid(-x): no log(0) for saturated logits.
-    log_p, log_1mp = F.logsigmoid(teacher_logits), F.logsigmoid(-teacher_logits)
-    log_q, log_1mq = F.logsigmoid(student_logits), F.logsigmoid(-student_logits)
-    p = torch.sigmoid(teacher_logits)
+    return _bernoulli_kl(F.logsigmoid(teacher_logits), F.logsigmoid(-teacher_logits),
+                         F.logsigmoid(student_logits), F.logsigmoid(-student_logits))
+
+
+def _bernoulli_kl(log_p: Tensor, log_1mp: Tensor, log_q: Tensor, log_1mq: Tensor) -> Tensor:
+    """KL(Bern(p) || Bern(q)) element-wise, from log p, log(1 - p), log q, log(1 - q)."""
+    p = log_p.exp()
     return p * (log_p - log_q) + (1.0 - p) * (log_1mp - log_1mq)
+
+
+def one_vs_rest_kl_from_logits(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Per class, KL(Bern(p_c) || Bern(q_c)) of the softmax probabilities p (teacher), q (student).
+
+    Args:
+        teacher_logits: (B, C, *spatial), already divided by the temperature.
+        student_logits: same shape as ``teacher_logits``.
+
+    Returns:
+        Tensor of the same shape, KL per class and voxel (>= 0 up to rounding).
+    """
+    log_p, log_q = F.log_softmax(teacher_logits, dim=1), F.log_softmax(student_logits, dim=1)
+    # log(1 - p) = log(-expm1(log p)), accurate near p = 1; clamped so a saturated p = 1 stays finite.
+    tiny = torch.finfo(log_p.dtype).tiny
+    log_1mp = torch.log((-torch.expm1(log_p)).clamp_min(tiny))
+    log_1mq = torch.log((-torch.expm1(log_q)).clamp_min(tiny))
+    return _bernoulli_kl(log_p, log_1mp, log_q, log_1mq)
 
 
 def response_kd_loss(
@@ -52,6 +87,7 @@ def response_kd_loss(
     use_regions: bool,
     temperature_power: int = 1,
     reduction: str = "mean",
+    channel_weights: Optional[Union[Tensor, Sequence[float]]] = None,
 ) -> Tensor:
     """Temperature-scaled KL(teacher || student) on raw network outputs.
 
@@ -69,6 +105,9 @@ def response_kd_loss(
         reduction: ``"mean"``: KL summed over channels, averaged over batch and voxels;
             ``"batchmean"``: summed over channels and voxels, divided by the batch size
             (the reference's; see module docstring).
+        channel_weights: optional (C,) weight per output channel (module docstring, "Per-channel
+            weights"): per-region Bernoulli KL times its weight for regions, per-class one-vs-rest
+            Bernoulli KL times its weight for labels. None: the unweighted KL.
 
     Returns:
         0-dim float32 tensor.
@@ -90,7 +129,13 @@ def response_kd_loss(
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         s = student_logits.float() / temperature
         t = teacher_logits.detach().float() / temperature
-        if use_regions:
+        if channel_weights is not None:
+            w = torch.as_tensor(channel_weights, dtype=torch.float32, device=s.device).flatten()
+            if w.numel() != s.shape[1]:
+                raise ValueError(f"channel_weights has {w.numel()} values for {s.shape[1]} channels")
+            kl = binary_kl_from_logits(t, s) if use_regions else one_vs_rest_kl_from_logits(t, s)
+            kl = kl * w.view(1, -1, *([1] * (s.ndim - 2)))
+        elif use_regions:
             kl = binary_kl_from_logits(t, s)
         else:
             kl = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1),

@@ -1,17 +1,28 @@
-"""Performance-aware teacher weights for MTCM-KD.
+"""Performance-aware KD weights for MTCM-KD: the default per-region rule and the paper's rule.
 
-Each teacher's whole-tumour (WT) Dice on the training batches of one epoch is
-turned into its KD weight for the next epoch: the Dice values are normalised to
-sum to 1 and scaled by a total KD weight.
+**Default rule** (:func:`region_kd_weights`, :class:`RegionPerformance`). Each source of soft targets
+(a teacher, or CDSFL at one level) distils each region (output channel; for label training each
+class) with a weight from its held-out performance on that region *relative to the student's*:
 
-Difference to the reference: the reference averages per-batch Dice values; we
-accumulate tp/fp/fn over the epoch and compute one Dice from the sums (as
-nnU-Net's online evaluation does). This is robust to batches with an empty
+    D        = exponential moving average over epochs (momentum 0.9, like nnU-Net's EMA pseudo-Dice)
+               of the validation pseudo-Dice, tp/fp/fn summed over the epoch's validation batches
+               (and over all DDP ranks) before the Dice is taken
+    w[i, r]  = max_weight * clip((D_source[i, r] - D_student[r]) / margin, 0, 1)
+
+A source no better than the student on a region gets weight exactly 0 there; no renormalisation
+across sources (a poor teacher's share is not handed to the others); before the first measurement
+every weight is 0 (KD stays off until it is measured).
+
+**Paper rule** (:func:`performance_weights`, :class:`PerformanceTracker`): each teacher's
+whole-tumour (WT) Dice on the training batches of one epoch, normalised to sum to 1 and scaled by a
+total KD weight, one weight for every region, used in the next epoch. Difference to the reference:
+the reference averages per-batch Dice values; we accumulate tp/fp/fn over the epoch and compute one
+Dice from the sums (as nnU-Net's online evaluation does). This is robust to batches with an empty
 tumour and can be summed exactly across DDP ranks.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +30,8 @@ from torch import Tensor
 
 from nnunet_kd.training.distributed import sum_over_ranks
 
-__all__ = ["whole_tumour_channel", "whole_tumour_stats", "performance_weights", "PerformanceTracker"]
+__all__ = ["whole_tumour_channel", "whole_tumour_stats", "performance_weights", "PerformanceTracker",
+           "dice_from_stats", "ema_update", "region_kd_weights", "RegionPerformance"]
 
 
 def whole_tumour_channel(regions: Optional[Sequence[Any]]) -> int:
@@ -157,3 +169,116 @@ class PerformanceTracker:
 
     def __repr__(self) -> str:
         return f"PerformanceTracker(num_teachers={self.num_teachers}, dice={self.dice().tolist()})"
+
+
+# ------------------------------------------------------------------ default: per-region rule
+def dice_from_stats(stats: Union[Tensor, np.ndarray]) -> Tensor:
+    """Dice = 2tp / (2tp + fp + fn) per region from summed counts.
+
+    Args:
+        stats: (..., 3, R) tp, fp, fn per region.
+
+    Returns:
+        float64 CPU tensor (..., R); NaN where 2tp + fp + fn = 0 (no tumour of that region and none
+        predicted: nothing was measured, so the moving average keeps its previous value).
+    """
+    s = torch.as_tensor(stats, dtype=torch.float64).detach().cpu()
+    if s.ndim < 2 or s.shape[-2] != 3:
+        raise ValueError(f"stats must have shape (..., 3, R), got {tuple(s.shape)}")
+    tp, fp, fn = s.unbind(dim=-2)
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1e-12), torch.full_like(denom, float("nan")))
+
+
+def ema_update(previous: Optional[Tensor], current: Tensor, momentum: float = 0.9) -> Tensor:
+    """``momentum * previous + (1 - momentum) * current``, element-wise, as nnU-Net's EMA pseudo-Dice.
+
+    The first measurement of an element (``previous`` None or NaN there) is taken as it is; a NaN in
+    ``current`` (not measured this epoch) keeps ``previous``. Shapes: any, ``previous`` like ``current``.
+    Returns a new float64 CPU tensor.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    cur = torch.as_tensor(current, dtype=torch.float64).detach().cpu()
+    if previous is None:
+        return cur.clone()
+    prev = torch.as_tensor(previous, dtype=torch.float64).detach().cpu()
+    if prev.shape != cur.shape:
+        raise ValueError(f"previous {tuple(prev.shape)} and current {tuple(cur.shape)} differ in shape")
+    blended = momentum * prev + (1.0 - momentum) * cur
+    return torch.where(torch.isnan(prev), cur, torch.where(torch.isnan(cur), prev, blended))
+
+
+def region_kd_weights(source_dice: Union[Tensor, Sequence], student_dice: Union[Tensor, Sequence],
+                      max_weight: float, margin: float) -> Tensor:
+    """KD weight of each source on each region, from its Dice lead over the student (module docstring).
+
+    Args:
+        source_dice: (N, R) (or (R,)) smoothed Dice of each source (teacher, CDSFL) per region.
+        student_dice: (R,) the student's smoothed Dice per region.
+        max_weight: the weight of a source that leads the student by ``margin`` or more.
+        margin: Dice lead (> 0) at which the weight reaches ``max_weight``; the weight grows
+            linearly from 0 at no lead.
+
+    Returns:
+        float64 CPU tensor shaped like ``source_dice``:
+        ``max_weight * clip((source_dice - student_dice) / margin, 0, 1)``; 0 where either Dice
+        is NaN (not measured yet).
+    """
+    if margin <= 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    if max_weight < 0:
+        raise ValueError(f"max_weight must be >= 0, got {max_weight}")
+    src = torch.as_tensor(source_dice, dtype=torch.float64).detach().cpu()
+    stu = torch.as_tensor(student_dice, dtype=torch.float64).detach().cpu()
+    if src.shape[-1:] != stu.shape or stu.ndim != 1:
+        raise ValueError(f"source Dice {tuple(src.shape)} and student Dice {tuple(stu.shape)} do not match")
+    lead = ((src - stu) / float(margin)).clamp(0.0, 1.0)
+    return float(max_weight) * torch.nan_to_num(lead, nan=0.0)
+
+
+class RegionPerformance:
+    """Moving-average validation Dice per region of the student and of each named source.
+
+    Every validation epoch: ``update({name: (3, R) tp/fp/fn summed over this rank's batches})`` with
+    a ``"student"`` entry; the counts are summed over the DDP ranks (one all-reduce) before the Dice
+    is taken, so every rank holds the same averages and derives the same weights. Then
+    ``weights(names, max_weight, margin)`` gives :func:`region_kd_weights` of those sources.
+    """
+
+    STUDENT = "student"
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+        self.ema: Dict[str, Tensor] = {}
+
+    def update(self, stats: Mapping[str, Union[Tensor, np.ndarray]], group: Optional[Any] = None) -> Dict[str, Tensor]:
+        """Sum ``stats`` ((3, R) each, float64-able) over ranks, update the averages; returns this epoch's
+        (R,) Dice per name (NaN where nothing was measured)."""
+        if self.STUDENT not in stats:
+            raise KeyError(f"stats need a '{self.STUDENT}' entry, got {sorted(stats)}")
+        names = sorted(stats)  # the same order on every rank
+        local = torch.stack([torch.as_tensor(stats[n], dtype=torch.float64).detach().cpu() for n in names])
+        summed = sum_over_ranks(local, group).to(torch.float64)
+        epoch_dice = {n: d for n, d in zip(names, dice_from_stats(summed).unbind(0))}
+        for n, d in epoch_dice.items():
+            self.ema[n] = ema_update(self.ema.get(n), d, self.momentum)
+        return epoch_dice
+
+    def weights(self, names: Sequence[str], max_weight: float, margin: float, num_regions: int) -> Tensor:
+        """(len(names), num_regions) float64 weights; rows of sources (or a student) never measured are 0."""
+        if self.STUDENT not in self.ema:
+            return torch.zeros(len(names), num_regions, dtype=torch.float64)
+        nan = torch.full((num_regions,), float("nan"), dtype=torch.float64)
+        source = torch.stack([self.ema.get(n, nan) for n in names]) if names else \
+            torch.zeros(0, num_regions, dtype=torch.float64)
+        return region_kd_weights(source, self.ema[self.STUDENT], max_weight, margin)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"momentum": self.momentum, "ema": {n: d.clone() for n, d in self.ema.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.momentum = float(state["momentum"])
+        self.ema = {n: torch.as_tensor(d, dtype=torch.float64).cpu().clone() for n, d in state["ema"].items()}

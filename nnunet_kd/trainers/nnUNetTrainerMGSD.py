@@ -4,9 +4,12 @@ One network over all four channels. Each iteration it sees the full input and a
 masked input (one proper non-empty modality subset per sample, missing channels
 zeroed after normalisation). An EMA copy of the network, fed the full input, is the
 teacher. Distillation acts at three granularities:
-image (outputs towards the EMA output), feature (multi-view decoder profiles of the
-masked pass towards the full pass) and modality (mutual-aware attention on the
-bottleneck, towards a target its heads cannot produce). docs/methods.md gives every loss term and weight.
+image (masked-pass outputs towards the EMA output: the main signal), feature (normalised multi-view
+decoder profiles of the masked pass towards the full pass, no learnable head) and modality (mutual-aware
+attention on the bottleneck; off by default, a probe only, see nnUNetTrainerMGSD_ModalityKD).
+The distillation weights ramp up from zero, and their gradient is capped to a share of the supervised one,
+so that they never shrink the supervised update through nnU-Net's gradient clipping.
+docs/methods.md gives every loss term and weight.
 """
 from __future__ import annotations
 
@@ -25,16 +28,27 @@ from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import MODALITIES
 from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttention, StyleDiscriminator,
                                    apply_modality_mask, discriminator_loss, ema_update,
-                                   generator_adversarial_loss, sample_modality_masks, warmed_up_momentum)
+                                   generator_adversarial_loss, linear_rampup, sample_modality_masks,
+                                   warmed_up_momentum)
 from nnunet_kd.training.budget import apply_budget_overrides, check_budget_environment
 from nnunet_kd.training.checkpoints import CheckpointSectionMixin
 from nnunet_kd.training.compilation import CompiledGraphLogMixin
-from nnunet_kd.training.distributed import broadcast_module, sum_over_ranks
+from nnunet_kd.training.distributed import broadcast_module, is_distributed, sum_over_ranks
 from nnunet_kd.training.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
-from nnunet_kd.training.gradient_shares import GradientShareMeter, allow_retained_compiled_graphs
+from nnunet_kd.training.gradient_shares import (GradientShareMeter, allow_retained_compiled_graphs, auxiliary_scale,
+                                                clip_threshold, gradient_norms)
 from nnunet_kd.training.model_folder import dataset_channels
 from nnunet_kd.training.optimisation import backward_and_step
 from nnunet_kd.training.precision import CPUAutocastMixin
+
+
+def _max_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a 1-D CPU tensor over all ranks (``values`` itself outside DDP)."""
+    if not is_distributed():
+        return values
+    table = torch.zeros(torch.distributed.get_world_size(), *values.shape, dtype=values.dtype)
+    table[torch.distributed.get_rank()] = values  # each rank fills its row; the sum gathers them all
+    return sum_over_ranks(table).amax(0)
 
 
 class nnUNetTrainerModalityDropout(CompiledGraphLogMixin, CPUAutocastMixin, nnUNetTrainer):
@@ -86,15 +100,29 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
     #: term that sums one soft-Dice loss per region (WT, TC, ET). nnU-Net's Dice term averages over the
     #: regions, so its supervised loss is a third of the reference's for the same segmentation quality;
     #: dividing the reference weights by 3 keeps the reference's ratio of distillation to supervision.
+    #: The modality-level term is off (weight 0): its only target that the heads cannot match alone is a
+    #: frozen copy of random heads, which carries no meaning (docs/methods.md). At weight 0 it is still
+    #: computed on the detached masked bottleneck and its heads train on it, as a probe that is logged.
     image_kd_weight: float = 10.0 / 3
-    modality_kd_weight: float = 150.0 / 3
+    modality_kd_weight: float = 0.0
     feature_kd_weight: float = 50.0 / 3
+    #: Passes whose outputs the image-level term pulls towards the EMA output: the reference uses both; the
+    #: full pass against the EMA of the same input only drags it towards older weights, so only the masked
+    #: pass by default (nnUNetTrainerMGSD_ImageKDBothPasses measures both).
+    image_kd_passes: Tuple[str, ...] = ("masked",)
+    #: Distillation weights are multiplied by linear_rampup(epoch, this): 0 in epoch 0, 1 from epoch 10 on.
+    distillation_rampup_epochs: int = 10
+    #: Cap on the distillation terms' gradient: all of them together are scaled by one factor (<= 1, updated
+    #: whenever the gradient shares are measured) so that their gradient norms make at most this share of the
+    #: gradient norms (supervised + distillation), and the network's gradient is clipped at
+    #: 12 / (1 - share) instead of nnU-Net's 12, so the clipping never scales the supervised part down more
+    #: than nnU-Net's would scale the supervised gradient alone.
+    max_distillation_share: float = 0.3
     #: Deep-supervision levels whose decoder features enter the multi-view loss (0 = full resolution).
     #: Plans with fewer levels use the ones they have.
     feature_kd_levels: Tuple[int, ...] = (0, 1, 2)
-    #: Multi-view head: width of the projection of the axis profiles, and the weight of the normalised
-    #: profile against the raw one (docs/methods.md, "feature level").
-    multiview_projection_dim: int = 64
+    #: Multi-view normalisation: weight of the normalised profile against the raw one (docs/methods.md,
+    #: "feature level"). The profiles are compared directly, without a learnable projection.
     multiview_gamma: float = 0.7
     #: Mutual-aware attention head (modality level): token width, heads, tokens per axis.
     attention_embed_dim: int = 64
@@ -110,7 +138,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
     #: (tests/losses/test_modality_collapse.py).
     modality_kd_target: str = "fixed"
     checkpoint_section = "mgsd_state"
-    #: The attention and projection heads train with AdamW (transformer practice), with nnU-Net's poly decay.
+    #: The attention heads train with AdamW (transformer practice), with nnU-Net's poly decay.
     aux_learning_rate: float = 3e-4
     #: Loss terms the network learns from, as named in the training log and distillation_log.json.
     loss_term_names: Tuple[str, ...] = ("supervised", "image", "feature", "modality")
@@ -127,6 +155,9 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         if self.gradient_share_at not in ("parameters", "bottleneck"):
             raise ValueError(f"{self.__class__.__name__}.gradient_share_at must be 'parameters' or 'bottleneck', "
                              f"got {self.gradient_share_at!r}")
+        if not self.image_kd_passes or not set(self.image_kd_passes) <= {"full", "masked"}:
+            raise ValueError(f"{self.__class__.__name__}.image_kd_passes must be a non-empty subset of "
+                             f"('full', 'masked'), got {self.image_kd_passes!r}")
         self.ema_network = None
         self.ema_step = 0
         self.multiview = self.mutual_attention = None
@@ -136,6 +167,9 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.gradient_meter = GradientShareMeter(self.loss_term_names)
         self._epoch_step = 0
         self.distillation_log: List[dict] = []
+        self.distillation_ramp = 0.0  # linear_rampup of the current epoch
+        self.distillation_scale = 1.0  # the cap's factor on the distillation terms, set by each measurement
+        self._clip_stats: Dict[str, object] = {}  # this epoch's clipping statistics (see _record_clip)
 
     def initialize(self):
         if not self.enable_deep_supervision:
@@ -155,7 +189,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
             self.ema_network.decoder.compile()
         conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2
         self.multiview = MultiViewConsistencyLoss([decoder_channels(unet, lvl) for lvl in self.feature_kd_levels],
-                                                  self.multiview_projection_dim, self.multiview_gamma).to(self.device)
+                                                  self.multiview_gamma).to(self.device)
         self.mutual_attention = MutualAwareAttention(
             bottleneck_channels(unet), len(self.modality_channels), self.attention_embed_dim, self.attention_heads,
             self.attention_token_grid, conv_dim, self.present_weight, self.missing_weight,
@@ -197,6 +231,9 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self._term_sums = {}
         self.gradient_meter.reset()
         self._epoch_step = 0
+        self.distillation_ramp = linear_rampup(self.current_epoch, self.distillation_rampup_epochs)
+        self._clip_stats = {"ratio_sum": 0., "ratio_max": 0., "clipped": 0., "finite": 0., "scale_sum": 0.,
+                            "scale_min": 1.0}
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -213,25 +250,44 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         """Unweighted image-, feature- and modality-level terms; ``features`` is the tap's take() of the
         stacked forward."""
         ema_out, ema_bottleneck = self._ema_forward(data)
-        image = self._image_kd(full_out, ema_out) + self._image_kd(masked_out, ema_out)
+        outputs = {"full": full_out, "masked": masked_out}
+        image = sum(self._image_kd(outputs[p], ema_out) for p in self.image_kd_passes)
         decoder = [features["decoder"][lvl].chunk(2, 0) for lvl in self.feature_kd_levels]
         bottleneck_full, bottleneck_masked = features["bottleneck"].chunk(2, 0)
         feature = self.multiview([d[0] for d in decoder], [d[1] for d in decoder])
         teacher_bottleneck = ema_bottleneck if self.mutual_attention.uses_ema_network else bottleneck_full
         masked_data = stacked[data.shape[0]:]
+        if not self.modality_kd_weight:  # a probe: its heads learn from it, the network does not
+            bottleneck_masked = bottleneck_masked.detach()
         modality = self.mutual_attention(teacher_bottleneck, bottleneck_masked, data[:, self.modality_channels],
                                          masked_data[:, self.modality_channels], modality_mask)
         return {"image": image, "feature": feature, "modality": modality}
 
     def _weighted_terms(self, terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The weighted terms the network learns from (keys: loss_term_names); the loss is their sum."""
-        return {"supervised": terms["supervised"], "image": self.image_kd_weight * terms["image"],
-                "feature": self.feature_kd_weight * terms["feature"],
-                "modality": self.modality_kd_weight * terms["modality"]}
+        """The terms with their weights and this epoch's ramp (keys: loss_term_names), before the cap."""
+        weights = self._loss_weights()
+        return {k: terms[k] if k == "supervised" else (self.distillation_ramp * weights[k]) * terms[k]
+                for k in self.loss_term_names}
+
+    def _distillation_active(self) -> bool:
+        return self.distillation_ramp > 0 and any(w for k, w in self._loss_weights().items() if k != "supervised")
+
+    def _network_max_norm(self) -> float:
+        """The network's clipping norm: nnU-Net's 12 while no distillation term acts, else 12 / (1 - share)."""
+        return clip_threshold(12.0, self.max_distillation_share) if self._distillation_active() else 12.0
+
+    def _update_distillation_scale(self, norms: Dict[str, float]) -> None:
+        """Set the cap's factor from one measurement of the uncapped weighted terms' gradient norms (averaged
+        over DDP ranks, so every rank applies the same factor)."""
+        distillation = sum(v for k, v in norms.items() if k != "supervised")
+        both = sum_over_ranks(torch.tensor([norms["supervised"], distillation], dtype=torch.float64))
+        if torch.isfinite(both).all():  # an overflowing half-precision measurement keeps the last factor
+            self.distillation_scale = auxiliary_scale(float(both[0]), float(both[1]), self.max_distillation_share)
 
     def _heads_only_loss(self, terms: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Loss of auxiliary heads that does not reach the network (added to the total, not measured)."""
-        return torch.zeros((), device=self.device)
+        """Loss of auxiliary heads that does not reach the network (added to the total, not measured): the
+        modality-level probe when that term's weight is 0."""
+        return torch.zeros((), device=self.device) if self.modality_kd_weight else terms["modality"]
 
     def _measures_gradient_shares_now(self) -> bool:
         return self._epoch_step % self.gradient_share_interval == 0
@@ -249,14 +305,23 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
             terms = {"supervised": self.loss(full_out, target) + self.loss(masked_out, target)}
             terms.update(self._distillation_terms(data, stacked, modality_mask, full_out, masked_out, features))
             weighted = self._weighted_terms(terms)
-            loss = sum(weighted.values()) + self._heads_only_loss(terms)
         if self._measures_gradient_shares_now():
             points = [p for p in self.network.parameters() if p.requires_grad] \
                 if self.gradient_share_at == "parameters" else [features["bottleneck"]]
             scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
-            self.gradient_meter.update(weighted, points, scale)
-        backward_and_step(loss, [self.optimizer, self.aux_optimizer], [self.network, self.aux_modules],
-                          self.grad_scaler, unsynced=[self.aux_modules])
+            norms = gradient_norms(weighted, points, scale)  # before the cap: it is computed from them
+            self._update_distillation_scale(norms)
+            self.gradient_meter.add({k: v if k == "supervised" else self.distillation_scale * v
+                                     for k, v in norms.items()})
+        with self.step_autocast():
+            # The cap scales every distillation term alike (their ratios stay the configured weights').
+            loss = sum(v if k == "supervised" else self.distillation_scale * v for k, v in weighted.items())
+            heads_only = self._heads_only_loss(terms)
+        max_norm = self._network_max_norm()
+        network_norm, _ = backward_and_step(loss + heads_only, [self.optimizer, self.aux_optimizer],
+                                            [self.network, self.aux_modules], self.grad_scaler,
+                                            unsynced=[self.aux_modules], max_norms=[max_norm, 12.0])
+        self._record_clip(network_norm, max_norm)
         momentum = warmed_up_momentum(self.ema_step, self.ema_momentum)
         ema_update(self.ema_network, self.network, momentum)
         self.mutual_attention.update_target(momentum)
@@ -266,6 +331,36 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
             self._term_sums[k] = self._term_sums.get(k, 0.) + v.detach().float()
         return {"loss": loss.detach().cpu().numpy()}
 
+    def _record_clip(self, norm: torch.Tensor | None, max_norm: float) -> None:
+        """Add one step's clip ratio (network gradient norm before clipping / clipping norm: the step is scaled
+        by 1 / ratio when it exceeds 1) and cap factor to the epoch's statistics, on the device (no sync).
+        Steps the grad scaler skips (non-finite norm) are left out of the ratios."""
+        stats = self._clip_stats
+        stats["scale_sum"] += self.distillation_scale
+        stats["scale_min"] = min(stats["scale_min"], self.distillation_scale)
+        if norm is None:
+            return
+        ratio = norm.detach().float() / max_norm
+        finite = torch.isfinite(ratio)
+        ratio = torch.where(finite, ratio, torch.zeros_like(ratio))
+        stats["ratio_sum"] = stats["ratio_sum"] + ratio
+        stats["ratio_max"] = torch.maximum(torch.as_tensor(stats["ratio_max"], device=ratio.device), ratio)
+        stats["clipped"] = stats["clipped"] + (ratio > 1).float()
+        stats["finite"] = stats["finite"] + finite.float()
+
+    def _clip_summary(self, steps: float) -> Dict[str, float]:
+        """This epoch's clipping statistics over all ranks: ratio mean and max, share of clipped steps, the
+        clipping norm, and the cap's factor (mean and min over the steps)."""
+        stats = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self._clip_stats.items()}
+        sums = sum_over_ranks(torch.stack([stats["ratio_sum"], stats["clipped"], stats["finite"],
+                                           stats["scale_sum"]]))
+        maxima = _max_over_ranks(torch.stack([stats["ratio_max"], -stats["scale_min"]]))
+        finite = max(float(sums[2]), 1.0)
+        return {"max_norm": self._network_max_norm(), "ratio_mean": float(sums[0]) / finite,
+                "ratio_max": float(maxima[0]), "clipped_fraction": float(sums[1]) / finite,
+                "distillation_scale_mean": float(sums[3]) / max(steps, 1.0),
+                "distillation_scale_min": -float(maxima[1])}
+
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         names = sorted(self._term_sums)
@@ -273,14 +368,20 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         sums = sum_over_ranks(torch.stack([self._term_sums[k].cpu().double() for k in names] + [steps]))  # all ranks
         means = {k: float(v) for k, v in zip(names, (sums[:-1] / sums[-1].clamp_min(1)).tolist())}
         gradients = self.gradient_meter.summary()  # reduced over ranks: every rank takes part
+        clip = self._clip_summary(float(sums[-1]))  # likewise
         self.print_to_log_file("MGSD loss terms (unweighted means): " +
                                ", ".join(f"{k} {np.round(v, 5)}" for k, v in means.items()))
         self.print_to_log_file(f"MGSD gradient shares at the network's {self.gradient_share_at}: " + ", ".join(
             f"{k} {gradients['share'][k]:.3f} (norm {gradients['norm'][k]:.3g})" for k in self.loss_term_names))
+        self.print_to_log_file(
+            f"MGSD distillation ramp {self.distillation_ramp:.3g}, cap factor mean {clip['distillation_scale_mean']:.3g} "
+            f"(min {clip['distillation_scale_min']:.3g}); clip ratio (grad norm / {clip['max_norm']:.3g}) mean "
+            f"{clip['ratio_mean']:.3g}, max {clip['ratio_max']:.3g}, clipped steps {clip['clipped_fraction']:.3f}")
         self.distillation_log.append({
             "epoch": self.current_epoch, "gradient_share": gradients["share"], "gradient_norm": gradients["norm"],
             "gradient_measured_at": self.gradient_share_at, "loss_terms": means,
-            "loss_weights": self._loss_weights(), "ema_updates": self.ema_step,
+            "loss_weights": self._loss_weights(), "distillation_ramp": self.distillation_ramp, "clip": clip,
+            "ema_updates": self.ema_step,
             "ema_momentum": warmed_up_momentum(max(self.ema_step - 1, 0), self.ema_momentum)})  # the last update's
         if self.local_rank == 0:
             atomic_write_json(self.distillation_log, os.path.join(self.output_folder, "distillation_log.json"))
@@ -306,8 +407,17 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.distillation_log = list(state["distillation_log"])
 
 
+class nnUNetTrainerMGSD_ModalityKD(nnUNetTrainerMGSD):
+    """MGSD with the modality-level term at the reference weight (150 / 3), towards the frozen initial heads.
+
+    The earlier default: kept to measure that term (it is off in nnUNetTrainerMGSD, docs/methods.md).
+    """
+
+    modality_kd_weight = 150.0 / 3
+
+
 class nnUNetTrainerMGSD_LightModalityKD(nnUNetTrainerMGSD):
-    """MGSD with the modality-level (mutual attention) term weighted 5 instead of 50.
+    """MGSD with the modality-level (mutual attention) term weighted 5 instead of the reference's 50.
 
     At the reference weight that term is several times the supervised loss in the first
     epoch; at 5 it starts at about the supervised loss's size.
@@ -316,13 +426,19 @@ class nnUNetTrainerMGSD_LightModalityKD(nnUNetTrainerMGSD):
     modality_kd_weight = 5.0
 
 
-class nnUNetTrainerMGSD_SymmetricModalityKD(nnUNetTrainerMGSD):
+class nnUNetTrainerMGSD_SymmetricModalityKD(nnUNetTrainerMGSD_ModalityKD):
     """MGSD with the reference's symmetric modality-level term (both passes with gradient, online heads).
 
     Its heads alone can drive the term towards 0 (tests/losses/test_modality_collapse.py); kept to compare.
     """
 
     modality_kd_target = "symmetric"
+
+
+class nnUNetTrainerMGSD_ImageKDBothPasses(nnUNetTrainerMGSD):
+    """MGSD with the image-level term on both passes, as in the reference (the default uses the masked one)."""
+
+    image_kd_passes = ("full", "masked")
 
 
 class nnUNetTrainerMGSD_adv(nnUNetTrainerMGSD):
@@ -348,11 +464,8 @@ class nnUNetTrainerMGSD_adv(nnUNetTrainerMGSD):
         self.discriminator.requires_grad_(True)
         return terms
 
-    def _weighted_terms(self, terms):
-        return dict(super()._weighted_terms(terms), adversarial=self.adversarial_weight * terms["adversarial"])
-
     def _heads_only_loss(self, terms):
-        return terms["discriminator"]
+        return super()._heads_only_loss(terms) + terms["discriminator"]
 
     def _loss_weights(self):
         return dict(super()._loss_weights(), adversarial=self.adversarial_weight)

@@ -45,6 +45,32 @@ def gradient_norms(terms: Mapping[str, Tensor], outputs: Sequence[Tensor], scale
     return norms
 
 
+def auxiliary_scale(supervised_norm: float, auxiliary_norm: float, max_share: float) -> float:
+    """Factor (in [0, 1]) for the auxiliary terms so they make at most ``max_share`` of the gradient norms.
+
+    ``supervised_norm``: norm of the supervised term's gradient; ``auxiliary_norm``: sum of the auxiliary
+    terms' gradient norms at factor 1 (the sum bounds the norm of their summed gradient). Returns the largest
+    c <= 1 with c * auxiliary_norm <= max_share / (1 - max_share) * supervised_norm, i.e. with
+    c * auxiliary_norm / (supervised_norm + c * auxiliary_norm) <= max_share; 1 when ``auxiliary_norm`` is 0.
+    Then the total gradient norm is at most supervised_norm / (1 - max_share) (see :func:`clip_threshold`).
+    """
+    if not 0.0 <= max_share < 1.0:
+        raise ValueError(f"max_share must be in [0, 1), got {max_share}")
+    if auxiliary_norm <= 0.0:
+        return 1.0
+    return min(1.0, max_share / (1.0 - max_share) * max(supervised_norm, 0.0) / auxiliary_norm)
+
+
+def clip_threshold(max_norm: float, max_share: float) -> float:
+    """The total-gradient clipping norm that never scales the supervised part more than ``max_norm`` would
+    scale the supervised gradient alone, when the auxiliary terms hold at most ``max_share`` of the norms
+    (:func:`auxiliary_scale`): total <= supervised / (1 - max_share), so clipping the total at
+    max_norm / (1 - max_share) applies a factor >= min(1, max_norm / supervised)."""
+    if not 0.0 <= max_share < 1.0:
+        raise ValueError(f"max_share must be in [0, 1), got {max_share}")
+    return max_norm / (1.0 - max_share)
+
+
 class GradientShareMeter:
     """Averages per-step gradient norms of named loss terms over an epoch and turns them into shares.
 
@@ -68,9 +94,16 @@ class GradientShareMeter:
         if unknown:
             raise KeyError(f"unknown loss terms {sorted(unknown)}; this meter tracks {self.names}")
         norms = gradient_norms(terms, outputs, scale)
-        self._sums += torch.tensor([norms.get(n, 0.0) for n in self.names], dtype=torch.float64)
-        self._count += 1
+        self.add(norms)
         return norms
+
+    def add(self, norms: Mapping[str, float]) -> None:
+        """Add one step's norms measured elsewhere (names missing from ``norms`` count as 0)."""
+        unknown = set(norms) - set(self.names)
+        if unknown:
+            raise KeyError(f"unknown loss terms {sorted(unknown)}; this meter tracks {self.names}")
+        self._sums += torch.tensor([float(norms.get(n, 0.0)) for n in self.names], dtype=torch.float64)
+        self._count += 1
 
     def summary(self) -> Dict[str, Dict[str, float]]:
         """``{"norm": {name: mean norm}, "share": {name: share}}`` over the steps since ``reset``."""

@@ -2,7 +2,7 @@
 one backward + step over several optimisers (with nnU-Net's grad scaler). Autocast: training/precision.py."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,11 +10,16 @@ from torch import nn
 from nnunet_kd.training.distributed import average_gradients
 
 
-def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float = 12.0) -> None:
-    """nnU-Net's gradient clipping (norm 12), applied to one network's parameters."""
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float = 12.0) -> Optional[torch.Tensor]:
+    """nnU-Net's gradient clipping (norm 12), applied to one network's parameters.
+
+    Returns the total gradient norm before clipping (a 0-dim tensor on the gradients' device, not synced to
+    the host), or None when no parameter has a gradient. The applied scale is min(1, max_norm / norm).
+    """
     params = [p for p in parameters if p.grad is not None]
-    if params:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not params:
+        return None
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def sgd_with_poly_lr(parameters: Iterable[torch.nn.Parameter], trainer: Any):
@@ -28,11 +33,19 @@ def sgd_with_poly_lr(parameters: Iterable[torch.nn.Parameter], trainer: Any):
 
 def backward_and_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
                       networks: Sequence[nn.Module], grad_scaler: Optional[torch.amp.GradScaler] = None,
-                      unsynced: Sequence[nn.Module] = (), max_norm: float = 12.0) -> None:
+                      unsynced: Sequence[nn.Module] = (), max_norm: float = 12.0,
+                      max_norms: Optional[Sequence[float]] = None) -> List[Optional[torch.Tensor]]:
     """nnU-Net's mixed-precision backward, clipping (per network) and step, for several optimisers at once.
 
     ``unsynced``: modules outside DDP whose gradients are averaged over ranks before clipping.
+    ``max_norms``: one clipping norm per network (default: ``max_norm`` for all).
+    Returns each network's gradient norm before clipping (see :func:`clip_gradients`; non-finite on steps the
+    grad scaler skips).
     """
+    if max_norms is None:
+        max_norms = [max_norm] * len(networks)
+    if len(max_norms) != len(networks):
+        raise ValueError(f"max_norms has {len(max_norms)} entries for {len(networks)} networks")
     if grad_scaler is not None:
         grad_scaler.scale(loss).backward()
         for opt in optimizers:
@@ -41,8 +54,7 @@ def backward_and_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optim
         loss.backward()
     for module in unsynced:
         average_gradients(module)
-    for net in networks:
-        clip_gradients(net.parameters(), max_norm)
+    norms = [clip_gradients(net.parameters(), limit) for net, limit in zip(networks, max_norms)]
     for opt in optimizers:
         if grad_scaler is not None:
             grad_scaler.step(opt)
@@ -50,3 +62,4 @@ def backward_and_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optim
             opt.step()
     if grad_scaler is not None:
         grad_scaler.update()
+    return norms

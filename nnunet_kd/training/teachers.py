@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,9 +43,36 @@ def load_frozen_teacher(model_dir: str, fold_name: str, checkpoint_name: str, de
     return network.to(device)
 
 
+def check_teacher_fold(teacher_fold: str, student_fold, teacher: str) -> Optional[str]:
+    """Refuse a teacher trained on another cross-validation fold than the student's; warn for ``fold_all``.
+
+    A teacher of another fold trained on (some of) the student's validation cases: its validation Dice,
+    from which the KD weights come, is inflated there, and the student's validation is no longer held
+    out from what taught it. ``fold_all`` saw every case, too, but is the model many users have (and
+    the natural teacher of a student trained on ``all``), so it is allowed with a warning.
+
+    Returns the warning for the training log (None when the folds match); ValueError naming both folds
+    and the fix otherwise.
+    """
+    teacher_fold, student_fold = str(teacher_fold), str(student_fold)
+    if teacher_fold == student_fold:
+        return None
+    if teacher_fold == "all":
+        return (f"WARNING: teacher {teacher} is fold_all: it was trained on every case, including this "
+                f"fold's ({student_fold}) validation cases, so its validation Dice (and the KD weights taken "
+                f"from it) are optimistic and this fold's validation is not independent of the teacher. "
+                f"Use the teacher's fold_{student_fold} for an honest cross-validation.")
+    raise ValueError(f"teacher {teacher} is fold_{teacher_fold} but the student trains fold {student_fold}: a "
+                     f"teacher of another fold was trained on the student's validation cases. Give the "
+                     f"teacher's fold_{student_fold} (train it with nnUNetv2_train ... {student_fold}), or "
+                     f"its fold_all (allowed, with a warning)")
+
+
 def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
     """(model folder, fold folder name without 'fold_', checkpoint file name) for a teacher given as a
-    checkpoint file, a fold folder or a model folder. Raises ValueError naming the path when it is none of these."""
+    checkpoint file, a fold folder or a model folder. From a model folder the student's fold is taken,
+    else ``fold_all``. Raises ValueError naming the path when it is none of these, or when the teacher's
+    fold is another cross-validation fold than the student's ``fold`` (:func:`check_teacher_fold`)."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(path):
         fold_dir, checkpoint_name = os.path.split(path)
@@ -54,11 +81,14 @@ def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
     elif os.path.isfile(os.path.join(path, "plans.json")):
         folds = sorted(d for d in os.listdir(path) if d.startswith("fold_")
                        and os.path.isfile(os.path.join(path, d, "checkpoint_final.pth")))
-        preferred = f"fold_{fold}"
         if not folds:
             raise ValueError(f"teacher model folder {path} has no fold_*/checkpoint_final.pth")
-        fold_dir, checkpoint_name = os.path.join(path, preferred if preferred in folds else folds[0]), \
-            "checkpoint_final.pth"
+        usable = [d for d in (f"fold_{fold}", "fold_all") if d in folds]
+        if not usable:
+            raise ValueError(f"teacher model folder {path} has {', '.join(folds)} but not fold_{fold}, the "
+                             f"student's fold (nor fold_all): a teacher of another fold was trained on the "
+                             f"student's validation cases. Train the teacher's fold {fold} first")
+        fold_dir, checkpoint_name = os.path.join(path, usable[0]), "checkpoint_final.pth"
     else:
         raise ValueError(f"teacher {path} is not a checkpoint file, a fold folder with checkpoint_final.pth, "
                          f"or an nnU-Net model folder")
@@ -69,4 +99,5 @@ def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
     fold_name = os.path.basename(fold_dir)
     if not fold_name.startswith("fold_"):
         raise ValueError(f"teacher checkpoint {path} must lie in a fold_X folder of an nnU-Net model folder")
+    check_teacher_fold(fold_name[len("fold_"):], fold, path)  # raises for another fold
     return model_dir, fold_name[len("fold_"):], checkpoint_name

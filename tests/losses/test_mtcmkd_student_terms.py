@@ -8,8 +8,9 @@ import torch
 
 from nnunet_kd.experiments.kd_gradient_shares import measure, nnunet_region_loss
 from nnunet_kd.losses.mtcmkd_student import STUDENT_TERMS, ResponseKD, student_loss_terms
-from nnunet_kd.trainers.nnUNetTrainerMTCMKD import (nnUNetTrainerMTCMKD, nnUNetTrainerMTCMKD_Reference,
-                                                    nnUNetTrainerMTCMKD_VoxelMeanT1)
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD import (nnUNetTrainerMTCMKD, nnUNetTrainerMTCMKD_KDFromStart,
+                                                    nnUNetTrainerMTCMKD_PaperWeights, nnUNetTrainerMTCMKD_Reference,
+                                                    nnUNetTrainerMTCMKD_StrongKD, nnUNetTrainerMTCMKD_VoxelMeanT1)
 
 #: Band of the response-KD share of the student's gradient at its logits that the default is chosen for
 #: (docs/methods.md, "KD defaults"), at the issue's logit gap of 3.
@@ -39,9 +40,22 @@ def test_variant_kd_reductions_have_known_values(cls, voxels_summed):
     assert kd_of(cls)(student, teacher).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_reference_starts_with_0_1_per_teacher_and_default_splits_its_total():
+def test_reference_starts_with_0_1_per_teacher_and_paper_weights_split_their_total():
     assert nnUNetTrainerMTCMKD_Reference.initial_kd_weight == 0.1
-    assert nnUNetTrainerMTCMKD.initial_kd_weight is None  # kd_total_weight / number of teachers
+    assert nnUNetTrainerMTCMKD_PaperWeights.initial_kd_weight is None  # kd_total_weight / number of teachers
+
+
+def test_default_is_the_region_rule_with_full_supervision_and_the_variants_keep_the_papers():
+    cls = nnUNetTrainerMTCMKD
+    # supervision: nnU-Net's loss at 1.0 and nothing else; KD on top, ramped in over 10 epochs
+    assert (cls.student_seg_weight, cls.student_ds_seg_fraction, cls.kd_rampup_epochs) == (1.0, 0.0, 10)
+    assert (cls.kd_region_weight, cls.kd_dice_margin, cls.kd_dice_momentum) == (None, 0.05, 0.9)
+    assert cls.cdsfl_head_full_weight
+    for variant in (nnUNetTrainerMTCMKD_PaperWeights, nnUNetTrainerMTCMKD_Reference, nnUNetTrainerMTCMKD_VoxelMeanT1,
+                    nnUNetTrainerMTCMKD_StrongKD, nnUNetTrainerMTCMKD_KDFromStart):
+        assert issubclass(variant, nnUNetTrainerMTCMKD_PaperWeights)
+        assert (variant.student_seg_weight, variant.student_ds_seg_fraction, variant.kd_rampup_epochs) == (0.75, 0.7, 0)
+        assert not variant.cdsfl_head_full_weight
 
 
 def _toy_inputs(seed: int = 0):

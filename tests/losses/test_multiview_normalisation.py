@@ -30,11 +30,44 @@ def test_profiles_are_normalised_together_over_all_axes():
     assert not torch.allclose(columns, mix_normalise(axis_profiles(x)[1], 0.7))
 
 
-def test_loss_uses_the_joint_normalisation():
+def test_loss_compares_the_joint_normalised_profiles():
+    """The term is the relative squared error of the jointly normalised profiles, per sample, summed over
+    stages: a fixed function of the features (no parameters)."""
     torch.manual_seed(0)
-    loss_fn = MultiViewConsistencyLoss([3], projection_dim=4)
-    x = torch.randn(2, 3, 5, 6, 7)
-    projected = loss_fn._project(0, x)
-    expected = torch.cat([loss_fn.projections[0](p) for p in normalised_profiles(x, 0.7)], dim=2)
-    assert projected.shape == (2, 4, 5 + 6 + 7)
-    assert torch.allclose(projected, expected)
+    loss_fn = MultiViewConsistencyLoss([3, 2])
+    full = [torch.randn(2, 3, 5, 6, 7), torch.randn(2, 2, 3, 4, 5)]
+    masked = [f + torch.randn_like(f) for f in full]
+    expected = 0.0
+    for f, m in zip(full, masked):
+        pf, pm = torch.cat(normalised_profiles(f, 0.7), 2), torch.cat(normalised_profiles(m, 0.7), 2)
+        assert pf.shape == (2, f.shape[1], sum(f.shape[2:]))
+        expected += torch.stack([((pm[b] - pf[b]) ** 2).sum() / ((pf[b] ** 2).sum() + 1e-6) for b in range(2)]).mean()
+    assert torch.allclose(loss_fn(full, masked), expected, rtol=1e-5)
+    assert list(loss_fn.parameters()) == []
+
+
+def test_loss_known_value():
+    # 1-D features (B=1, C=2, L=2): the profile is the feature itself. Full: channel norms 5 and 15
+    # (n = [0.5, 1.5]) -> [[1.95, 2.6], [12.15, 16.2]] (see test_mix_normalise_known_values). Masked: the same
+    # with channel 1 zeroed: norms 5 and 0, n = [2, 0] -> [[3 * 1.7, 4 * 1.7], [0, 0]] = [[5.1, 6.8], [0, 0]].
+    full = torch.tensor([[[3.0, 4.0], [9.0, 12.0]]])
+    masked = torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])
+    error = (5.1 - 1.95) ** 2 + (6.8 - 2.6) ** 2 + 12.15 ** 2 + 16.2 ** 2
+    energy = 1.95 ** 2 + 2.6 ** 2 + 12.15 ** 2 + 16.2 ** 2
+    assert MultiViewConsistencyLoss([2])([full], [masked]).item() == pytest.approx(error / energy, rel=1e-5)
+
+
+def test_heads_cannot_set_the_size_and_scale_does_not_change_it():
+    """The issue's heads-only setting (network frozen, heads trained) has nothing to train here: the term is
+    the same before and after any number of optimiser steps, and scaling both passes' features by one factor
+    (what a network could do to shrink an MSE) leaves it unchanged."""
+    torch.manual_seed(0)
+    loss_fn = MultiViewConsistencyLoss([4])
+    full = torch.randn(3, 4, 6, 5, 4).relu()
+    masked = (full + 0.3 * torch.randn_like(full)).relu()
+    value = loss_fn([full], [masked]).item()
+    for factor in (0.1, 0.5, 7.0):  # eps (1e-6) matters only for features near 0
+        assert loss_fn([factor * full], [factor * masked]).item() == pytest.approx(value, rel=1e-4)
+    with pytest.raises(ValueError):  # an optimiser over its parameters cannot even be built
+        torch.optim.AdamW(loss_fn.parameters(), lr=1e-3)
+    assert loss_fn([full], [masked]).item() == value

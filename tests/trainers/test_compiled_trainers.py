@@ -66,5 +66,7 @@ def test_mtcmkd_compiles_student_and_teachers(compile_forced, brats_dataset, loa
         _assert_features_equal(compiled_features, tap.take())
         torch.testing.assert_close(compiled_out[0], eager_out[0], atol=1e-4, rtol=1e-4)
     trainer.on_train_epoch_start()
-    trainer.current_epoch = trainer.kd_start_epoch  # with the distillation terms on
+    trainer.current_epoch = trainer.kd_start_epoch  # with the distillation terms on:
+    trainer.kd_region_weights.fill_(0.1)  # every teacher and region, as after a validation they lead
+    trainer.cdsfl_region_weights.fill_(0.03)
     assert math.isfinite(float(trainer.train_step(synthetic_batch(trainer))["loss"]))

@@ -38,7 +38,9 @@ def _spy(trainer) -> Dict[str, List]:
 def _train_step(trainer, batch) -> float:
     trainer.on_train_epoch_start()
     if isinstance(trainer, nnUNetTrainerMTCMKD):
-        trainer.current_epoch = trainer.kd_start_epoch  # with the KL terms on
+        trainer.current_epoch = trainer.kd_start_epoch  # with the KL terms on:
+        trainer.kd_region_weights.fill_(0.1)  # every teacher and region, as after a validation they lead
+        trainer.cdsfl_region_weights.fill_(0.03)
     return float(trainer.train_step(batch)["loss"])
 
 

@@ -16,6 +16,7 @@ def test_shares_measured_logged_and_written(brats_dataset, load_trainer, synthet
                                             monkeypatch):
     monkeypatch.setattr(cls, "gradient_share_interval", 2)
     monkeypatch.setattr(cls, "gradient_share_at", share_at)
+    monkeypatch.setattr(cls, "distillation_rampup_epochs", 0)  # full weights from epoch 0
     trainer = load_trainer(brats_dataset, cls)
     log_path = os.path.join(trainer.output_folder, "distillation_log.json")
     if os.path.exists(log_path):
@@ -29,12 +30,22 @@ def test_shares_measured_logged_and_written(brats_dataset, load_trainer, synthet
     entry = history[0]
     assert set(entry["gradient_share"]) == set(entry["gradient_norm"]) == set(cls.loss_term_names)
     assert sum(entry["gradient_share"].values()) == pytest.approx(1.0)
-    assert all(entry["gradient_norm"][name] > 0 for name in cls.loss_term_names)
+    # every term the network learns from has a gradient; the modality-level probe (weight 0) has none
+    assert all(entry["gradient_norm"][name] > 0 for name in cls.loss_term_names if name != "modality")
+    assert entry["gradient_norm"]["modality"] == 0
+    # the cap holds the distillation terms to at most 0.3 of the gradient norms
+    assert 1 - entry["gradient_share"]["supervised"] <= 0.3 + 1e-6
+    clip = entry["clip"]
+    assert entry["distillation_ramp"] == 1.0 and clip["max_norm"] == pytest.approx(12 / 0.7)
+    assert 0 < clip["ratio_mean"] <= clip["ratio_max"] and 0 <= clip["clipped_fraction"] <= 1
+    assert 0 < clip["distillation_scale_min"] <= clip["distillation_scale_mean"] <= 1
     assert entry["gradient_measured_at"] == share_at and entry["ema_updates"] == 3
     assert entry["ema_momentum"] == pytest.approx(2 / 3)  # the third update (s = 2): 1 - 1/3
     assert entry["loss_weights"]["modality"] == cls.modality_kd_weight
     with open(trainer.log_file) as f:
-        assert f"MGSD gradient shares at the network's {share_at}: supervised" in f.read()
+        text = f.read()
+    assert f"MGSD gradient shares at the network's {share_at}: supervised" in text
+    assert f"clip ratio (grad norm / {12 / 0.7:.3g}) mean {clip['ratio_mean']:.3g}, max {clip['ratio_max']:.3g}" in text
     assert trainer.distillation_log == history
 
 

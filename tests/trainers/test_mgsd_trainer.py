@@ -9,7 +9,9 @@ import nnunet_kd.trainers.nnUNetTrainerMGSD as mgsd_module
 from nnunet_kd.losses.ema import warmed_up_momentum
 from nnunet_kd.training.features import unwrap_network
 from nnunet_kd.trainers.nnUNetTrainerMGSD import (nnUNetTrainerMGSD, nnUNetTrainerMGSD_adv,
-                                                  nnUNetTrainerMGSD_LightModalityKD, nnUNetTrainerModalityDropout)
+                                                  nnUNetTrainerMGSD_ImageKDBothPasses, nnUNetTrainerMGSD_LightModalityKD,
+                                                  nnUNetTrainerMGSD_ModalityKD, nnUNetTrainerMGSD_SymmetricModalityKD,
+                                                  nnUNetTrainerModalityDropout)
 
 
 @pytest.fixture(scope="module")
@@ -56,30 +58,83 @@ def test_train_step_updates_ema_by_its_formula(trainer, synthetic_batch):
     assert set(trainer._term_sums) >= {"supervised", "image", "feature", "modality"}
 
 
-def test_every_distillation_term_has_gradient(trainer, synthetic_batch):
-    batch = synthetic_batch(trainer, seed=2)
+def test_defaults_of_issue_22():
+    """The modality-level term is off by default (a logged probe) and kept in variants; the image-level term
+    acts on the masked pass; the distillation weights ramp up over 10 epochs, capped at a 0.3 share."""
+    assert nnUNetTrainerMGSD.modality_kd_weight == 0
+    assert nnUNetTrainerMGSD_ModalityKD.modality_kd_weight == nnUNetTrainerMGSD_SymmetricModalityKD.modality_kd_weight \
+        == 50.0
+    assert nnUNetTrainerMGSD_ModalityKD.modality_kd_target == "fixed"
+    assert nnUNetTrainerMGSD.image_kd_passes == ("masked",)
+    assert nnUNetTrainerMGSD_ImageKDBothPasses.image_kd_passes == ("full", "masked")
+    assert nnUNetTrainerMGSD.distillation_rampup_epochs == 10 and nnUNetTrainerMGSD.max_distillation_share == 0.3
+
+
+def _terms(trainer, batch):
     data = batch["data"]
     mask, stacked = trainer._two_pass_inputs(data)
     full_out, masked_out = trainer._split(trainer.network(stacked))
-    terms = trainer._distillation_terms(data, stacked, mask, full_out, masked_out, trainer.tap.take())
+    return trainer._distillation_terms(data, stacked, mask, full_out, masked_out, trainer.tap.take())
+
+
+def test_every_distillation_term_has_gradient(trainer, synthetic_batch):
+    terms = _terms(trainer, synthetic_batch(trainer, seed=2))
     for name, value in terms.items():
         assert torch.isfinite(value) and value > 0, name
         trainer.network.zero_grad(set_to_none=True)
+        trainer.aux_modules.zero_grad(set_to_none=True)
         value.backward(retain_graph=True)
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.network.parameters()), name
+        reaches_network = any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.network.parameters())
+        # at weight 0 the modality-level term is a probe: it trains its heads, not the network
+        assert reaches_network == (name != "modality"), name
+        if name == "modality":
+            assert any(p.grad is not None for p in trainer.mutual_attention.parameters())
     assert all(p.grad is None for p in trainer.ema_network.parameters())
+    assert list(trainer.multiview.parameters()) == []  # the feature level has no learnable head
 
 
-@pytest.mark.parametrize("cls, modality_weight", [(nnUNetTrainerMGSD, 50.0), (nnUNetTrainerMGSD_LightModalityKD, 5.0)])
-def test_step_loss_is_the_weighted_sum_of_its_terms(brats_dataset, cls, modality_weight, load_trainer, synthetic_batch):
-    t = load_trainer(brats_dataset, cls)
+def test_modality_variant_term_reaches_the_network(brats_dataset, load_trainer, synthetic_batch):
+    t = load_trainer(brats_dataset, nnUNetTrainerMGSD_ModalityKD)
     t.on_train_epoch_start()
+    t.network.zero_grad(set_to_none=True)
+    _terms(t, synthetic_batch(t, seed=2))["modality"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.network.parameters())
+
+
+@pytest.mark.parametrize("passes", [("masked",), ("full", "masked")])
+def test_image_kd_passes(trainer, synthetic_batch, monkeypatch, passes):
+    monkeypatch.setattr(trainer, "image_kd_passes", passes)
+    data = synthetic_batch(trainer, seed=6)["data"]
+    torch.manual_seed(0)
+    mask, stacked = trainer._two_pass_inputs(data)
+    with torch.no_grad():
+        full_out, masked_out = trainer._split(trainer.network(stacked))
+        image = trainer._distillation_terms(data, stacked, mask, full_out, masked_out, trainer.tap.take())["image"]
+        ema_out, _ = trainer._ema_forward(data)
+        expected = trainer._image_kd(masked_out, ema_out)
+        if "full" in passes:
+            expected = expected + trainer._image_kd(full_out, ema_out)
+    assert torch.allclose(image, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls, modality_weight", [(nnUNetTrainerMGSD, 0.0), (nnUNetTrainerMGSD_LightModalityKD, 5.0)])
+@pytest.mark.parametrize("epoch, ramp", [(0, 0.0), (4, 0.4)])
+def test_step_loss_is_the_weighted_sum_of_its_terms(brats_dataset, cls, modality_weight, epoch, ramp, load_trainer,
+                                                    synthetic_batch):
+    t = load_trainer(brats_dataset, cls)
+    t.current_epoch = epoch
+    t.on_train_epoch_start()
+    assert t.distillation_ramp == pytest.approx(ramp)
     out = t.train_step(synthetic_batch(t, seed=4))
     terms = {k: float(v) for k, v in t._term_sums.items()}  # one step since the epoch started: this step's terms
     assert t._epoch_step == 1 and terms["modality"] > 0
-    expected = (terms["supervised"] + 10 / 3 * terms["image"] + 50 / 3 * terms["feature"]
-                + modality_weight * terms["modality"])
+    # the step's loss: supervised + cap factor x ramp x weighted distillation terms (the probe not included)
+    scale = t.distillation_scale
+    assert 0 < scale <= 1 and (scale == 1 or ramp > 0)
+    expected = terms["supervised"] + scale * ramp * (10 / 3 * terms["image"] + 50 / 3 * terms["feature"]
+                                                     + modality_weight * terms["modality"])
     assert float(out["loss"]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert t._network_max_norm() == pytest.approx(12.0 if ramp == 0 else 12.0 / 0.7)
 
 
 def test_loss_finite_with_one_modality(trainer, monkeypatch, synthetic_batch):
@@ -96,7 +151,7 @@ def test_loss_finite_with_one_modality(trainer, monkeypatch, synthetic_batch):
 def test_feature_levels_follow_the_plan(trainer):
     num_levels = len(unwrap_network(trainer.network).decoder.stages)
     assert trainer.feature_kd_levels == tuple(range(min(3, num_levels)))
-    assert len(trainer.multiview.projections) == len(trainer.feature_kd_levels)
+    assert len(trainer.multiview.channels_per_stage) == len(trainer.feature_kd_levels)
 
 
 @pytest.mark.parametrize("cls", [nnUNetTrainerModalityDropout, nnUNetTrainerMGSD_adv])

@@ -48,14 +48,22 @@ def test_checkpoint_holds_student_teachers_and_kd_state(mtcmkd_model):
     assert len(state["teacher_weights"]) == 3 and state["cdsfl_weights"]
     assert state["teacher_optimizer_state"]["state"]
     assert [h["epoch"] for h in state["kd_history"]] == [0, 1]
-    # the performance-aware weights are normalised to the trainer's KD total
-    assert float(state["performance_weights"].sum()) == pytest.approx(nnUNetTrainerMTCMKD.kd_total_weight)
+    # per teacher and region, within [0, kd_total_weight / teachers]; CDSFL factors within [0, 1]
+    weights = state["kd_region_weights"]
+    assert weights.shape == (3, 3) and (weights >= 0).all()
+    assert (weights <= nnUNetTrainerMTCMKD.kd_total_weight / 3 + 1e-12).all()
+    assert state["cdsfl_region_weights"].shape == (1, 3) and (state["cdsfl_region_weights"] <= 1).all()
+    ema = state["region_performance"]["ema"]
+    assert set(ema) == {"student", "teacher0", "teacher1", "teacher2", "cdsfl1"}
+    assert all(h["ema_val_dice"] and h["next_kd_weights"] for h in state["kd_history"])
+    assert state["kd_history"][0]["kd_weights"] is None  # epoch 0: KD not started
     assert (mtcmkd_model / f"fold_{FOLD}" / "validation" / "summary.json").is_file()
 
 
 def test_resume_continues_with_saved_weights(mtcmkd_model, brats_dataset, bin_path, dataset_id, run_cmd):
     before = torch.load(mtcmkd_model / f"fold_{FOLD}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    saved_weights = before["kd_state"]["performance_weights"].tolist()
+    saved_weights = before["kd_state"]["kd_region_weights"]
+    saved_ema = before["kd_state"]["region_performance"]["ema"]
     logs_before = set((mtcmkd_model / f"fold_{FOLD}").glob("training_log_*.txt"))
     env = dict(brats_dataset["env"], nnUNet_kd_num_epochs="3")
     run_cmd([bin_path("nnUNetv2_train"), str(dataset_id), "3d_fullres", FOLD, "-tr", TRAINER, "-device", "cpu", "--c",
@@ -63,11 +71,19 @@ def test_resume_continues_with_saved_weights(mtcmkd_model, brats_dataset, bin_pa
     new_logs = set((mtcmkd_model / f"fold_{FOLD}").glob("training_log_*.txt")) - logs_before
     log = "\n".join(p.read_text() for p in new_logs)
     assert "Epoch 2" in log and "Epoch 0" not in log and "Epoch 1\n" not in log
-    used = json.loads(re.search(r"KD weights this epoch: (\[[^\]]*\])", log).group(1))
-    assert used == pytest.approx(saved_weights, abs=1e-4)
+    # epoch 2 uses the weights saved after epoch 1's validation, times the ramp (2 - 1 + 1) / 10
+    used = json.loads(re.search(r"KD weights this epoch \(ramp 0\.200\): (\{.*\})", log).group(1))
+    for i, name in enumerate(["T1", "T2", "FLAIR"]):
+        assert used[name] == pytest.approx((0.2 * saved_weights[i]).tolist(), abs=1e-4)
     after = torch.load(mtcmkd_model / f"fold_{FOLD}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert after["current_epoch"] == 3
     assert [h["epoch"] for h in after["kd_state"]["kd_history"]] == [0, 1, 2]
+    # the moving averages went on from the saved ones: EMA = 0.9 x saved + 0.1 x epoch 2's Dice
+    epoch2 = after["kd_state"]["kd_history"][-1]["val_pseudo_dice"]["student"]
+    for r, (old, new) in enumerate(zip(saved_ema["student"].tolist(), after["kd_state"]["region_performance"]["ema"]
+                                       ["student"].tolist())):
+        if epoch2[r] is not None and not np.isnan(old):
+            assert new == pytest.approx(0.9 * old + 0.1 * epoch2[r], abs=1e-3)
 
 
 def test_validation_only(mtcmkd_model, brats_dataset, bin_path, dataset_id, run_cmd):

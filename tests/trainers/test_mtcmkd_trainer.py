@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_kd.losses.cdsfl import cdsfl_seg_loss
+from nnunet_kd.losses.performance import RegionPerformance
 from nnunet_kd.training.features import unwrap_network
 from nnunet_kd.trainers.nnUNetTrainerMTCMKD import (nnUNetTrainerMTCMKD, nnUNetTrainerMTCMKD_AllLevels,
                                                     nnUNetTrainerMTCMKD_FrozenTeachers, nnUNetTrainerMTCMKD_KDFromStart,
-                                                    nnUNetTrainerMTCMKD_MultimodalTeacher, nnUNetTrainerMTCMKD_StrongKD,
+                                                    nnUNetTrainerMTCMKD_MultimodalTeacher,
+                                                    nnUNetTrainerMTCMKD_PaperWeights, nnUNetTrainerMTCMKD_StrongKD,
                                                     nnUNetTrainerMTCMKD_T1, nnUNetTrainerMTCMKD_VoxelMeanT1)
 
 
@@ -58,14 +61,14 @@ def test_dataset_without_student_modality_is_a_clear_error(brats_dataset, load_t
 def _losses(trainer, batch, epoch):
     trainer.current_epoch = epoch
     data, target = batch["data"], batch["target"]
-    outputs, fused = trainer._teacher_forward(data)
-    teacher_loss = trainer._teacher_loss(outputs, fused, target)
+    outputs, fused, from_detached = trainer._teacher_forward(data, detached_fusion=True)
+    teacher_loss = trainer._teacher_loss(outputs, fused, target, from_detached)
     student_out = trainer.network(data[:, trainer.student_channels])
     return outputs, fused, teacher_loss, student_out, trainer._student_loss(student_out, outputs, fused, target)
 
 
 def _reference_terms(trainer, batch, outputs, fused, student_out) -> dict:
-    """The student-loss terms of METHODS.md, computed one by one."""
+    """The student-loss terms of METHODS.md, computed one by one (the paper's one weight per teacher)."""
     target = batch["target"]
     return {"seg": trainer.loss(student_out, target), "ds_seg": trainer.loss.loss(student_out[1], target[1]),
             "kd": sum(w * trainer._kd(student_out[0], o[0])
@@ -73,8 +76,57 @@ def _reference_terms(trainer, batch, outputs, fused, student_out) -> dict:
             "ds_kd": trainer._kd(student_out[1], fused[1])}
 
 
-def test_student_loss_before_and_after_kd_start(trainer, synthetic_batch):
+#: Known per-teacher, per-region (WT, TC, ET) weights and CDSFL factors for the default's student-loss test.
+KNOWN_WEIGHTS = torch.tensor([[0.1, 0.0, 0.05], [0.0, 0.0, 0.0], [0.02, 0.03, 0.0]], dtype=torch.float64)
+KNOWN_CDSFL = torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64)
+
+
+def test_default_student_loss_supervised_at_1_and_region_kd_ramped(trainer, synthetic_batch):
     batch = synthetic_batch(trainer)
+    target = batch["target"]
+    saved = trainer.kd_region_weights, trainer.cdsfl_region_weights
+    trainer.kd_region_weights, trainer.cdsfl_region_weights = KNOWN_WEIGHTS.clone(), KNOWN_CDSFL.clone()
+    try:
+        with torch.no_grad():
+            outputs, fused, _, student_out, loss_epoch0 = _losses(trainer, batch, 0)
+            seg = trainer.loss(student_out, target)
+            assert torch.equal(loss_epoch0, seg)  # before KD starts: nnU-Net's loss alone
+            kd = sum(trainer._kd(student_out[0], o[0], w) for w, o in zip(KNOWN_WEIGHTS, outputs))
+            ds_kd = trainer._kd(student_out[1], fused[1], KNOWN_CDSFL[0])
+            assert kd > 0 and ds_kd > 0
+            # the second teacher (weight 0 everywhere) does not distil at all
+            assert torch.isclose(kd, sum(trainer._kd(student_out[0], outputs[i][0], KNOWN_WEIGHTS[i]) for i in (0, 2)))
+            for epoch, ramp in [(1, 0.1), (5, 0.5), (10, 1.0), (40, 1.0)]:
+                trainer.current_epoch = epoch
+                terms = trainer._student_terms(student_out, outputs, fused, target)
+                assert torch.equal(terms["supervised"], seg)  # supervised weight 1.0 at every epoch
+                assert torch.isclose(terms["response_kd"], ramp * kd, rtol=1e-5)
+                assert torch.isclose(terms["cdsfl_kd"], ramp * 0.10 * 0.3 * ds_kd, rtol=1e-5)
+    finally:
+        trainer.kd_region_weights, trainer.cdsfl_region_weights = saved
+        trainer.current_epoch = 0
+
+
+def test_default_kd_is_off_until_the_first_validation(trainer, synthetic_batch):
+    fresh = trainer.region_performance
+    trainer.region_performance = RegionPerformance()
+    trainer._update_weights_after_validation()
+    try:
+        assert trainer.kd_region_weights.abs().sum() == 0 and trainer.cdsfl_region_weights.abs().sum() == 0
+        batch = synthetic_batch(trainer)
+        with torch.no_grad():
+            outputs, fused, _, student_out, loss = _losses(trainer, batch, 1)
+            assert torch.equal(loss, trainer.loss(student_out, batch["target"]))
+    finally:
+        trainer.region_performance = fresh
+        trainer._update_weights_after_validation()
+        trainer.current_epoch = 0
+
+
+def test_paper_weights_student_loss_before_and_after_kd_start(brats_dataset, load_trainer, synthetic_batch):
+    trainer = load_trainer(brats_dataset, nnUNetTrainerMTCMKD_PaperWeights)
+    batch = synthetic_batch(trainer)
+    assert trainer.performance_weights.tolist() == pytest.approx([0.5 / 3] * 3)
     with torch.no_grad():
         outputs, fused, _, student_out, loss_epoch0 = _losses(trainer, batch, 0)
         t = _reference_terms(trainer, batch, outputs, fused, student_out)
@@ -84,7 +136,13 @@ def test_student_loss_before_and_after_kd_start(trainer, synthetic_batch):
         assert t["kd"] > 0 and t["ds_kd"] > 0
         assert torch.isclose(loss_epoch1, 0.75 * t["seg"] + 0.10 * 0.7 * t["ds_seg"] + t["kd"]
                              + 0.10 * 0.3 * t["ds_kd"], rtol=1e-5)
-    trainer.current_epoch = 0
+    # one weight per teacher from the training-batch WT Dice, summing to kd_total_weight
+    trainer.performance_tracker.reset()
+    for i, stats in enumerate([[4.0, 1.0, 1.0], [2.0, 3.0, 3.0], [0.0, 5.0, 5.0]]):
+        trainer.performance_tracker.update(i, stats)
+    trainer._update_weights_after_training()
+    assert trainer.performance_weights.tolist() == pytest.approx([0.5 * 0.8 / 1.2, 0.5 * 0.4 / 1.2, 0.0])
+    assert trainer._kd_weight_record()["T1"] == pytest.approx(0.5 * 0.8 / 1.2)
 
 
 @pytest.mark.parametrize("cls, kd_scale", [(nnUNetTrainerMTCMKD_KDFromStart, None),
@@ -103,6 +161,35 @@ def test_kd_variants_distil_from_epoch_0(trainer, brats_dataset, cls, kd_scale, 
         reference_kd = reference._kd(student_out[0], outputs[0][0])
         assert torch.isclose(variant._kd(student_out[0], outputs[0][0]), (kd_scale or 1.0) * reference_kd, rtol=1e-4)
     variant.current_epoch = 0
+
+
+def test_cdsfl_head_learns_at_full_weight_and_teachers_get_only_0_08_of_its_loss(trainer, synthetic_batch):
+    batch = synthetic_batch(trainer, seed=4)
+    data, target = batch["data"], batch["target"]
+    head = list(trainer.cdsfl.parameters())
+    teachers = [p for t in trainer.teachers for p in t.parameters()]
+
+    def grads(loss, params):
+        return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+    outputs, fused, from_detached = trainer._teacher_forward(data, detached_fusion=True)
+    assert from_detached is not None and torch.allclose(fused[1], from_detached[1])
+    loss = trainer._teacher_loss(outputs, fused, target, from_detached)
+    got_head, got_teachers = grads(loss, head), grads(loss, teachers)
+    # references from one ordinary (non-detached) pass: head at 1.0 x its loss, teachers at their own + 0.08 x it
+    ref_outputs, ref_fused, none = trainer._teacher_forward(data)
+    assert none is None
+    cdsfl_loss = cdsfl_seg_loss(trainer.loss.loss, ref_fused, target, 1.0)
+    ref_head = grads(cdsfl_loss, head)
+    ref_teachers = grads(sum(trainer.loss(o, target) for o in ref_outputs) + 0.08 * cdsfl_loss, teachers)
+    for g, r in zip(got_head, ref_head):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+    for g, r in zip(got_teachers, ref_teachers):
+        if r is None:
+            assert g is None or g.abs().sum() == 0
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+    assert any(g is not None and g.abs().sum() > 0 for g in got_head)
 
 
 def test_gradients_reach_student_every_teacher_and_cdsfl_separately(trainer, synthetic_batch):
@@ -138,16 +225,64 @@ def test_train_step_updates_all_networks_and_tracks_teacher_dice(trainer, synthe
         assert any(not torch.equal(a, b.detach()) for a, b in zip(params, after[name].parameters())), name
     assert trainer.performance_tracker.stats.sum() > 0
     trainer.on_train_epoch_end([out])
-    assert torch.isclose(trainer.performance_weights.sum(), torch.tensor(trainer.kd_total_weight, dtype=torch.float64))
-    assert trainer.kd_history[-1]["next_kd_weights"] == pytest.approx(trainer.performance_weights.tolist())
+    assert trainer.kd_history[-1]["next_kd_weights"] == trainer._kd_weight_record(ramp=1.0)
+    assert set(trainer.kd_history[-1]["next_kd_weights"]) == {"T1", "T2", "FLAIR", "cdsfl1"}
 
 
 def test_validation_reports_student_teachers_and_cdsfl(trainer, synthetic_batch):
     trainer.on_validation_epoch_start()
     with torch.no_grad():
         result = trainer.validation_step(synthetic_batch(trainer, seed=2))
-    assert {"tp_hard", "teacher0_stats", "teacher1_stats", "teacher2_stats", "cdsfl1_stats"} <= set(result)
+    assert {"tp_hard", "student_stats", "teacher0_stats", "teacher1_stats", "teacher2_stats", "cdsfl1_stats"} <= set(result)
     assert result["teacher0_stats"].shape == (3, 3)
+    assert np.array_equal(result["student_stats"], np.stack([result["tp_hard"], result["fp_hard"], result["fn_hard"]]))
+
+
+def _val_output(**dice_counts) -> dict:
+    """A validation step's output whose counts per source are (tp, fp, fn) per region."""
+    out = {f"{name}_stats": np.array(counts, dtype=np.float64).T for name, counts in dice_counts.items()}
+    tp, fp, fn = out["student_stats"]
+    return {**out, "loss": np.float32(0.5), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+
+
+def test_validation_sets_next_weights_by_the_rule_and_checkpoint_restores_them(trainer):
+    saved = trainer.region_performance, trainer.kd_region_weights, trainer.cdsfl_region_weights
+    trainer.region_performance = RegionPerformance(trainer.kd_dice_momentum)
+    try:
+        # the next epoch of nnU-Net's logger (its EMA pseudo Dice reads the previous epoch's value)
+        trainer.current_epoch = len(trainer.logger.local_logger.my_fantastic_logging["mean_fg_dice"])
+        # student Dice 0.8 on WT, TC, ET; T1 better on WT and TC (0.9), worse on ET; T2 equal; FLAIR +0.02 on WT
+        student = [(4, 1, 1)] * 3
+        trainer.on_validation_epoch_end([_val_output(
+            student=student, teacher0=[(9, 1, 1), (9, 1, 1), (1, 1, 1)], teacher1=student,
+            teacher2=[(41, 9, 9), (4, 1, 1), (0, 1, 1)], cdsfl1=[(0, 1, 1), (9, 1, 1), (4, 1, 1)])])
+        m = 0.5 / 3
+        expected = torch.tensor([[m, m, 0.0], [0.0, 0.0, 0.0], [m * 0.4, 0.0, 0.0]],
+                                dtype=torch.float64)
+        assert torch.allclose(trainer.kd_region_weights, expected)
+        assert torch.allclose(trainer.cdsfl_region_weights, torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64))
+        assert trainer.region_performance.ema["student"].tolist() == pytest.approx([0.8] * 3)
+        state = copy.deepcopy(trainer.checkpoint_state())
+        # --c: a fresh state is overwritten by the checkpoint's weights and moving averages
+        trainer.region_performance = RegionPerformance()
+        trainer.kd_region_weights = torch.zeros_like(expected)
+        trainer.cdsfl_region_weights = torch.zeros(1, 3, dtype=torch.float64)
+        trainer.load_checkpoint_state(state)
+        assert torch.allclose(trainer.kd_region_weights, expected)
+        assert torch.allclose(trainer.cdsfl_region_weights, torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64))
+        assert trainer.region_performance.ema.keys() == {"student", "teacher0", "teacher1", "teacher2", "cdsfl1"}
+        assert trainer.region_performance.ema["teacher0"].tolist() == pytest.approx([0.9, 0.9, 0.5])
+        # the next validation smooths: EMA 0.9 x 0.8 + 0.1 x 1.0 = 0.82 for the student's WT
+        trainer.current_epoch += 1
+        trainer.on_validation_epoch_end([_val_output(
+            student=[(1, 0, 0), (4, 1, 1), (4, 1, 1)], teacher0=[(9, 1, 1), (9, 1, 1), (1, 1, 1)], teacher1=student,
+            teacher2=[(41, 9, 9), (4, 1, 1), (0, 1, 1)], cdsfl1=[(0, 1, 1), (9, 1, 1), (4, 1, 1)])])
+        assert trainer.region_performance.ema["student"].tolist() == pytest.approx([0.82, 0.8, 0.8])
+        assert trainer.kd_region_weights[0, 0].item() == pytest.approx(m)  # T1 still leads by 0.08 >= the margin
+        assert trainer.kd_region_weights[2, 0].item() == 0.0  # FLAIR's 0.82 is no longer ahead of the student
+    finally:
+        trainer.region_performance, trainer.kd_region_weights, trainer.cdsfl_region_weights = saved
+        trainer.current_epoch = 0
 
 
 def test_label_training_softmax_path(brats_dataset, load_trainer, synthetic_batch):
@@ -162,6 +297,17 @@ def test_label_training_softmax_path(brats_dataset, load_trainer, synthetic_batc
     with torch.no_grad():
         result = trainer.validation_step(synthetic_batch(trainer, seed=3))
     assert result["teacher0_stats"].shape == (3, 3)  # background excluded, 3 tumour labels
+    assert result["student_stats"].shape == (3, 3)
+    trainer.on_validation_epoch_end([result])
+    # per-class weights: one column per output (background and the 3 labels); the background's is always 0
+    assert trainer.kd_region_weights.shape == (3, 4) and (trainer.kd_region_weights[:, 0] == 0).all()
+    assert trainer._region_names() == ["background", "edema", "necrosis", "enhancing"]
+    channel_weights = torch.tensor([0.0, 0.1, 0.0, 0.2], dtype=torch.float64)
+    trainer.kd_region_weights = channel_weights.expand(3, 4).clone()
+    trainer.current_epoch = trainer.kd_start_epoch + trainer.kd_rampup_epochs
+    trainer.on_train_epoch_start()
+    assert np.isfinite(trainer.train_step(synthetic_batch(trainer))["loss"])
+    assert trainer.gradient_shares.summary()["share"]["response_kd"] > 0
 
 
 @pytest.mark.parametrize("cls, student, teachers, levels", [
