@@ -292,3 +292,21 @@ def small_plans(brats_dataset) -> Dict[str, object]:
     path = brats_dataset["preprocessed"] / f"{SMALL_PLANS}.json"
     path.write_text(json.dumps(plans, indent=2))
     return {"name": SMALL_PLANS, "plans": plans, "file": path}
+
+
+class StoppedHere(Exception):
+    """Raised where ``stop_at`` replaced a call: the code under test got that far."""
+
+
+@pytest.fixture
+def stop_at(monkeypatch):
+    """``stop_at(target, name)``: replace ``target.name`` by a function that raises StoppedHere, and return
+    StoppedHere (for ``pytest.raises``), to test what a command does before that call."""
+    def replace(target, name: str):
+        def stop(*args, **kwargs):
+            raise StoppedHere(name)
+
+        monkeypatch.setattr(target, name, stop)
+        return StoppedHere
+
+    return replace

@@ -7,17 +7,10 @@ import nnunet_kd.experiments.synthetic as synthetic
 from nnunet_kd.experiments import demo
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.fixture
-def stop_after_workdir(monkeypatch):
+def stop_after_workdir(stop_at):
     """Stop the demo at its first step after preparing the work folder (no training in these tests)."""
-    def stop(*args, **kwargs):
-        raise _Stop()
-
-    monkeypatch.setattr(synthetic, "generate_dataset", stop)
+    return stop_at(synthetic, "generate_dataset")
 
 
 def test_user_folder_is_refused_and_kept(tmp_path, capsys, stop_after_workdir):
@@ -37,11 +30,11 @@ def test_demo_folder_is_replaced_and_new_or_empty_folders_are_marked(tmp_path, s
     for work in (tmp_path / "new", tmp_path / "empty"):
         if work.name == "empty":
             work.mkdir()
-        with pytest.raises(_Stop):
+        with pytest.raises(stop_after_workdir):
             demo.run_demo(str(work), device="cpu")
         assert (work / demo.MARKER).is_file() and (work / "logs").is_dir()
         (work / "old_result.json").write_text("{}")  # what an earlier demo left
-        with pytest.raises(_Stop):
+        with pytest.raises(stop_after_workdir):
             demo.run_demo(str(work), device="cpu")
         assert sorted(p.name for p in work.iterdir()) == [demo.MARKER, "logs"]
 

@@ -10,17 +10,10 @@ import pytest
 from nnunet_kd.experiments import study
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.fixture
-def stop_after_workdir(monkeypatch):
+def stop_after_workdir(stop_at):
     """Stop the study at its first step after preparing the work folder."""
-    def stop(*args, **kwargs):
-        raise _Stop()
-
-    monkeypatch.setattr(study, "prepare_split", stop)
+    return stop_at(study, "prepare_split")
 
 
 def _argv(work: Path, *extra: str) -> List[str]:
@@ -48,15 +41,15 @@ def test_user_folder_survives_plain_and_resume_runs(tmp_path, capsys, stop_after
 
 def test_study_folder_is_kept_with_resume_and_replaced_without(tmp_path, stop_after_workdir):
     work = tmp_path / "study"
-    with pytest.raises(_Stop):
+    with pytest.raises(stop_after_workdir):
         study.main(_argv(work))
     assert sorted(p.name for p in work.iterdir()) == [study.WORKDIR_MARKER]
     (work / "seed0").mkdir()
     (work / "seed0" / "scores.json").write_text("{}")  # what the earlier run finished
-    with pytest.raises(_Stop):
+    with pytest.raises(stop_after_workdir):
         study.main(_argv(work, "--resume"))
     assert (work / "seed0" / "scores.json").read_text() == "{}"
-    with pytest.raises(_Stop):
+    with pytest.raises(stop_after_workdir):
         study.main(_argv(work))
     assert sorted(p.name for p in work.iterdir()) == [study.WORKDIR_MARKER]
 
@@ -67,7 +60,7 @@ def test_new_or_empty_folder_is_taken_over_and_a_file_refused(tmp_path, capsys, 
     for work in (tmp_path / "new", tmp_path / "empty"):
         if work.name == "empty":
             work.mkdir()
-        with pytest.raises(_Stop):
+        with pytest.raises(stop_after_workdir):
             study.main(_argv(work, *extra))
         assert (work / study.WORKDIR_MARKER).is_file()
     path = tmp_path / "file"
