@@ -35,6 +35,9 @@ TRAINERS = {
     "nnUNetTrainerMTCMKD": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
     "nnUNetTrainerMTCMKD_FrozenTeachers": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
     "nnUNetTrainerMTCMKD_MultimodalTeacher": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
+    "nnUNetTrainerMTCMKD_PaperWeights": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",  # training-Dice tracker
+    "nnUNetTrainerMTCMKD_AllLevels": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",  # CDSFL on several levels
+    "nnUNetTrainerMGSD_adv": "nnunet_kd.trainers.nnUNetTrainerMGSD",  # discriminator among the heads
     "nnUNetTrainerMGSD": "nnunet_kd.trainers.nnUNetTrainerMGSD",
     "nnUNetTrainerModalityDropout": "nnunet_kd.trainers.nnUNetTrainerMGSD",
 }
