@@ -14,17 +14,20 @@ def compiled_graph_count() -> int:
 
 class CompiledGraphLogMixin:
     """For nnU-Net trainers: logs the compiled-graph count at the end of the run's first epoch, and warns
-    when a later epoch adds graphs. Does nothing when nnU-Net does not compile (``_do_i_compile``)."""
+    when a later epoch adds graphs. Silent while nothing was compiled (nnU-Net did not compile)."""
 
     _graphs_after_first_epoch: Optional[int] = None
 
     def on_epoch_end(self):
-        if self._do_i_compile():
-            self._log_compiled_graphs()
+        # The count itself says whether anything compiled: nnU-Net's _do_i_compile() would write an INFO
+        # line into the log on every call when nnUNet_compile is set on a CPU.
+        self._log_compiled_graphs()
         super().on_epoch_end()
 
     def _log_compiled_graphs(self) -> None:
         graphs = compiled_graph_count()
+        if graphs == 0:
+            return
         if self._graphs_after_first_epoch is None:
             self.print_to_log_file(f"torch.compile: {graphs} graphs compiled by the end of epoch "
                                    f"{self.current_epoch} (torch._dynamo counters, unique_graphs)")
