@@ -13,6 +13,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from nnunet_kd.experiments.runner import CommandFailed, nnunet_environment, run_command
+from nnunet_kd.training.budget import budget_environment
 
 #: The development data beside the repository (``../shared/data``); tests that need it skip without it.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -24,11 +25,10 @@ T1CE_DATASET_ID = 502
 def _nnunet_env(root: Path, **budget: int) -> Dict[str, str]:
     """Environment for nnU-Net subprocesses: folders under ``root``, our trainers, a small CPU budget."""
     env = nnunet_environment(
-        root, nnUNet_n_proc_DA=1, nnUNet_def_n_proc=1, nnUNet_compile=0, OMP_NUM_THREADS=2, PYTHONUNBUFFERED=1,
-        nnUNet_kd_num_epochs=1, nnUNet_kd_iterations_per_epoch=2, nnUNet_kd_val_iterations=1)
+        root, nnUNet_n_proc_DA=1, nnUNet_def_n_proc=1, nnUNet_compile=0, OMP_NUM_THREADS=2, PYTHONUNBUFFERED=1)
     env.pop("nnUNet_kd_teachers", None)
-    for key, value in budget.items():
-        env[f"nnUNet_kd_{key}"] = str(value)
+    env.update(budget_environment(**{"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+                                     **budget}))
     return env
 
 

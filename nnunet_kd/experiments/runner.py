@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from nnunet_kd.paths import with_trainer_path
+from nnunet_kd.training.budget import budget_environment
 
 
 class CommandFailed(RuntimeError):
@@ -49,9 +50,10 @@ def budget_variables(epochs: int, iterations: int, val_iterations: int, device: 
                      cpu_processes: int, save_every: int = 50) -> Dict[str, str]:
     """Environment variables for a short training run: the ``nnUNet_kd_*`` budget, torch.compile off unless the
     environment says otherwise, and on the CPU ``cpu_processes`` nnU-Net workers unless the environment sets them."""
-    extra = {"nnUNet_kd_num_epochs": epochs, "nnUNet_kd_iterations_per_epoch": iterations,
-             "nnUNet_kd_val_iterations": val_iterations, "nnUNet_kd_save_every": save_every,
-             "nnUNet_compile": os.environ.get("nnUNet_compile", "0")}
+    extra: Dict[str, Union[str, int]] = {
+        **budget_environment(num_epochs=epochs, num_iterations_per_epoch=iterations,
+                             num_val_iterations_per_epoch=val_iterations, save_every=save_every),
+        "nnUNet_compile": os.environ.get("nnUNet_compile", "0")}
     if device == "cpu":
         for key in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
             extra[key] = os.environ.get(key, cpu_processes)

@@ -16,6 +16,16 @@ BUDGET_ENV = {
 }
 
 
+def budget_environment(**budget: int) -> Dict[str, str]:
+    """The ``nnUNet_kd_*`` variables that set these trainer attributes, e.g.
+    ``budget_environment(num_epochs=2)`` -> ``{"nnUNet_kd_num_epochs": "2"}``; an unknown attribute raises KeyError."""
+    env_name_of = {attribute: env_name for env_name, attribute in BUDGET_ENV.items()}
+    unknown = sorted(set(budget) - set(env_name_of))
+    if unknown:
+        raise KeyError(f"no budget variable sets {', '.join(unknown)}; known: {', '.join(env_name_of)}")
+    return {env_name_of[attribute]: str(value) for attribute, value in budget.items()}
+
+
 def read_budget() -> Dict[str, int]:
     """Trainer attribute -> value for each ``nnUNet_kd_*`` budget variable that is set (empty = unset).
 

@@ -7,6 +7,7 @@ import torch
 
 import nnunet_kd.trainers.nnUNetTrainerMGSD as mgsd_module
 from nnunet_kd.losses.ema import warmed_up_momentum
+from nnunet_kd.training.budget import budget_environment
 from nnunet_kd.training.features import unwrap_network
 from nnunet_kd.trainers.nnUNetTrainerMGSD import (nnUNetTrainerMGSD, nnUNetTrainerMGSD_adv,
                                                   nnUNetTrainerMGSD_ImageKDBothPasses, nnUNetTrainerMGSD_LightModalityKD,
@@ -171,7 +172,7 @@ def test_train_and_resume_through_nnunetv2_train(mgsd_model, brats_dataset, bin_
     assert set(state) == {"ema_weights", "aux_weights", "aux_optimizer_state", "ema_step", "distillation_log"}
     assert state["ema_step"] == 2 and [e["epoch"] for e in state["distillation_log"]] == [0]
     assert checkpoint["network_weights"].keys() == state["ema_weights"].keys()
-    env = dict(brats_dataset["env"], nnUNet_kd_num_epochs="2")
+    env = {**brats_dataset["env"], **budget_environment(num_epochs=2)}
     run_cmd([bin_path("nnUNetv2_train"), str(dataset_id), "3d_fullres", "all", "-tr", "nnUNetTrainerMGSD", "-device",
          "cpu", "--c"], env)
     resumed = torch.load(mgsd_model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)

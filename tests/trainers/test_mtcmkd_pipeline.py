@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
+from nnunet_kd.training.budget import budget_environment
 
 TRAINER = "nnUNetTrainerMTCMKD"
 #: A cross-validation fold (4 training cases, 1 validation case), so find_best_configuration can use it.
@@ -20,7 +21,7 @@ FOLD = "0"
 
 @pytest.fixture(scope="module")
 def mtcmkd_model(brats_dataset, bin_path, dataset_id, run_cmd):
-    env = dict(brats_dataset["env"], nnUNet_kd_num_epochs="2")
+    env = {**brats_dataset["env"], **budget_environment(num_epochs=2)}
     run_cmd([bin_path("nnUNetv2_train"), str(dataset_id), "3d_fullres", FOLD, "-tr", TRAINER, "-device", "cpu", "--npz"],
         env)
     return brats_dataset["results"] / f"{TRAINER}__nnUNetPlans__3d_fullres"
@@ -65,7 +66,7 @@ def test_resume_continues_with_saved_weights(mtcmkd_model, brats_dataset, bin_pa
     saved_weights = before["kd_state"]["kd_region_weights"]
     saved_ema = before["kd_state"]["region_performance"]["ema"]
     logs_before = set((mtcmkd_model / f"fold_{FOLD}").glob("training_log_*.txt"))
-    env = dict(brats_dataset["env"], nnUNet_kd_num_epochs="3")
+    env = {**brats_dataset["env"], **budget_environment(num_epochs=3)}
     run_cmd([bin_path("nnUNetv2_train"), str(dataset_id), "3d_fullres", FOLD, "-tr", TRAINER, "-device", "cpu", "--c",
          "--npz"], env)
     new_logs = set((mtcmkd_model / f"fold_{FOLD}").glob("training_log_*.txt")) - logs_before
