@@ -107,7 +107,7 @@ def real_brats2021() -> Path:
 
 @pytest.fixture(scope="session")
 def nnunet_env():
-    """``nnunet_env(root, **budget)``: environment for nnU-Net subprocesses with data folders under ``root``."""
+    """``nnunet_env(root, **budget)`` (budget: trainer attributes, e.g. num_epochs=2): environment for nnU-Net subprocesses with data folders under ``root``."""
     return _nnunet_env
 
 

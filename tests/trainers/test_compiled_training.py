@@ -61,7 +61,8 @@ def compile_setup(brats_dataset, small_plans, nnunet_env, tmp_path_factory) -> d
     site = root / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FORCE_COMPILE)
-    env = nnunet_env(brats_dataset["root"], num_epochs=EPOCHS, iterations_per_epoch=ITERATIONS, val_iterations=2)
+    env = nnunet_env(brats_dataset["root"], num_epochs=EPOCHS, num_iterations_per_epoch=ITERATIONS,
+                     num_val_iterations_per_epoch=2)
     env.update(nnUNet_results=str(root / "results"), nnUNet_kd_teachers=os.pathsep.join(teachers),
                PYTHONPATH=os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH", "")])))
     return {"env": env, "results": root / "results", "plans": small_plans["name"]}
