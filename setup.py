@@ -35,12 +35,12 @@ setup(
             "nnunet_kd_env=nnunet_kd.paths:main",
             "nnunet_kd_convert_brats=nnunet_kd.conversion.cli:main",
             "nnunet_kd_predict=nnunet_kd.inference.predict:main",
-            "nnunet_kd_evaluate=nnunet_kd.evaluation.evaluate:main",
+            "nnunet_kd_evaluate=nnunet_kd.evaluation.evaluate_cli:main",
             "nnunet_kd_evaluate_missing=nnunet_kd.evaluation.missing_modalities:main",
             "nnunet_kd_demo=nnunet_kd.experiments.demo:main",
             "nnunet_kd_synthetic=nnunet_kd.experiments.synthetic:main",
-            "nnunet_kd_study=nnunet_kd.experiments.study:main",
-            "nnunet_kd_benchmark=nnunet_kd.experiments.benchmark:main",
+            "nnunet_kd_study=nnunet_kd.experiments.study.cli:main",
+            "nnunet_kd_benchmark=nnunet_kd.experiments.benchmark.cli:main",
         ]
     },
 )

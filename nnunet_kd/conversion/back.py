@@ -11,13 +11,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_kd.atomic import make_temp_dir
-from nnunet_kd.brats import nnunet_to_release
-from nnunet_kd.conversion.cohorts import (COHORTS, Cohort, cohort_for, cohorts_of_year, label_conventions,
-                                          parse_case_id, to_original)
+from nnunet_kd.brats import (COHORTS, Cohort, cohort_for, cohorts_of_year, label_conventions, nnunet_to_release,
+                             parse_case_id, to_original)
 from nnunet_kd.conversion.cases import label_image, read_case_image, write_image
 from nnunet_kd.conversion.releases import (GLI_RELEASES, RELEASES, ConversionError, check_input_dir, is_hidden,
-                                           nifti_stem,
-                                           normalize_release)
+                                           nifti_stem, normalize_release)
 
 
 def _prediction_names(pred_dir: str) -> List[str]:

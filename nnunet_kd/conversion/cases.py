@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_kd.brats import LABEL_SET_NAMES, RELEASE_TO_NNUNET, map_labels, release_labels
-from nnunet_kd.conversion.cohorts import Cohort
+from nnunet_kd.brats import (LABEL_SET_NAMES, MODALITY_FILE_TOKENS, RELEASE_TO_NNUNET, Cohort, map_labels,
+                             release_labels)
 from nnunet_kd.conversion.discovery import CaseTask, modality_of
 from nnunet_kd.conversion.releases import (GLI_RELEASES, MSD_CHANNELS, OUT_ENDING, RELEASES, ConversionError,
                                            is_hidden, nifti_stem)
@@ -117,8 +117,8 @@ def _find_case_files(task: CaseTask) -> Tuple[Dict[str, str], Optional[str], Lis
 
 
 #: File-name token of each modality: ``_`` for the releases up to 2021, ``-`` for the GLI naming.
-_FILE_TOKENS: Dict[str, Dict[str, str]] = {"_": {"T1": "t1", "T1ce": "t1ce", "T2": "t2", "FLAIR": "flair"},
-                                           "-": {"T1": "t1n", "T1ce": "t1c", "T2": "t2w", "FLAIR": "t2f"}}
+_FILE_TOKENS: Dict[str, Dict[str, str]] = {"_": MODALITY_FILE_TOKENS["brats2021"],
+                                           "-": MODALITY_FILE_TOKENS["brats2023"]}
 
 
 def _expected_name(task: CaseTask, token: str) -> str:

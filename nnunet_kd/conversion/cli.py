@@ -9,10 +9,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from nnunet_kd.brats import COHORT_PREFIXES
 from nnunet_kd.cli import command
 from nnunet_kd.conversion.back import choose_prediction_cohort, convert_to_brats
 from nnunet_kd.conversion.convert import convert_brats
-from nnunet_kd.conversion.cohorts import CASE_PATTERNS as COHORT_PREFIXES
 from nnunet_kd.conversion.releases import YEAR_CHOICES, ConversionError
 
 

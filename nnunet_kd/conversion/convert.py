@@ -1,4 +1,4 @@
-"""Convert any BraTS release (2018-2024) or the Decathlon Task01 to an nnU-Net v2 raw dataset.
+"""Convert any BraTS release (2018-2025) or the Decathlon Task01 to an nnU-Net v2 raw dataset.
 
 Output: ``$nnUNet_raw/DatasetXXX_NAME`` with channels in the order T1, T1ce, T2, FLAIR (or a subset,
 renumbered from 0) and labels in nnU-Net's BraTS convention (1 ED, 2 NCR/NET, 3 ET), trained as the
@@ -23,12 +23,12 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from nnunet_kd.atomic import make_temp_dir
-from nnunet_kd.brats import MODALITIES, REGIONS, RELEASE_TO_NNUNET
+from nnunet_kd.brats import MODALITIES
 from nnunet_kd.conversion.cases import CaseResult, run_case
-from nnunet_kd.conversion.cohorts import Cohort, dataset_json_fields
+from nnunet_kd.conversion.dataset_json import write_dataset_json
 from nnunet_kd.conversion.discovery import CaseTask, assign_cohort, discover, resolve_modalities
-from nnunet_kd.conversion.releases import (OUT_ENDING, RELEASES, ConversionError, check_input_dir, detect_release,
-                                           normalize_release, resolve_root, root_for_release)
+from nnunet_kd.conversion.releases import (RELEASES, ConversionError, check_input_dir, detect_release, normalize_release,
+                                           resolve_root, root_for_release)
 from nnunet_kd.paths import dataset_folders
 
 
@@ -254,7 +254,7 @@ def convert_brats(
         num_training = sum(not r.is_test for r in kept)
         if not os.listdir(os.path.join(tmp, "imagesTs")):
             os.rmdir(os.path.join(tmp, "imagesTs"))
-        _write_dataset_json(tmp, chosen, num_training, sum(r.is_test for r in kept), name, release, convention,
+        write_dataset_json(tmp, chosen, num_training, sum(r.is_test for r in kept), name, release, convention,
                            cohort)
         existing = _existing_datasets(out_root, dataset_id, overwrite)  # one may have appeared while we worked
         _replace_datasets(tmp, target, existing, out_root)
@@ -264,37 +264,3 @@ def convert_brats(
     print(f"Wrote {target}: {num_training} training cases, {len(kept) - num_training} test cases, "
           f"channels {', '.join(chosen)}")
     return target
-
-
-def _write_dataset_json(folder: str, chosen: Tuple[str, ...], num_training: int, num_test: int, name: str,
-                        release: str, convention: str, cohort: Optional[Cohort] = None) -> None:
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-
-    if cohort is not None:  # 2023+ cohort: its own labels and regions (conversion/cohorts.py)
-        generate_dataset_json(
-            folder, channel_names={str(i): m for i, m in enumerate(chosen)}, labels=cohort.dataset_json_labels(),
-            num_training_cases=num_training, file_ending=OUT_ENDING, regions_class_order=cohort.regions_class_order,
-            dataset_name=name, release=release, license="see the license of the original release",
-            description=f"BraTS {cohort.key} ({cohort.title}) converted by nnunet_kd_convert_brats; nnU-Net labels: "
-                        + "; ".join(f"{k} {v}" for k, v in cohort.nnunet_label_names().items()),
-            converted_by="nnunet_kd_convert_brats", original_label_convention=convention, numTest=num_test,
-            **dataset_json_fields(cohort))
-        return
-    generate_dataset_json(
-        folder,
-        channel_names={str(i): m for i, m in enumerate(chosen)},
-        labels={"background": 0, "whole tumor": list(REGIONS["WT"]), "tumor core": list(REGIONS["TC"]),
-                "enhancing tumor": list(REGIONS["ET"])},
-        num_training_cases=num_training,
-        file_ending=OUT_ENDING,
-        regions_class_order=(1, 2, 3),
-        dataset_name=name,
-        release=release,
-        description=f"{release} converted by nnunet_kd_convert_brats; labels 1 edema, 2 necrosis/non-enhancing "
-                    f"core, 3 enhancing tumour (trained as regions)",
-        license="see the license of the original release",
-        converted_by="nnunet_kd_convert_brats",
-        original_label_convention=convention,
-        original_to_nnunet_labels={str(k): v for k, v in RELEASE_TO_NNUNET[convention].items()},
-        numTest=num_test,
-    )

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from nnunet_kd.brats import MODALITIES, canonical_modality
-from nnunet_kd.conversion.cohorts import Cohort, cohort_of_cases, year_hint
+from nnunet_kd.brats import MODALITIES, Cohort, canonical_modality
+from nnunet_kd.conversion.cohort_detection import cohort_of_cases, year_hint
 from nnunet_kd.conversion.releases import (CASE_PATTERNS, GLI_RELEASES, GRADE_DIRS, NIFTI_ENDINGS, ConversionError,
                                            is_hidden, nifti_stem, subdirs)
 
@@ -120,7 +120,7 @@ def assign_cohort(tasks: List[CaseTask], release: str, year_given: bool, folders
 
     The year is the release's when the user gave one, else a year named by the folder names ``folders``
     (the input folder and the wrappers down to the cases, e.g. ``BraTS2024-GLI-Challenge-TrainingData``),
-    else cohorts.detect_cohort's rules. Sets every task's
+    else cohort_detection.detect_cohort's rules. Sets every task's
     cohort and modalities; ConversionError for mixed cohorts, a year without the cohort, or modalities
     the cohort does not have.
     """

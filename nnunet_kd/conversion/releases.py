@@ -6,28 +6,24 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-from nnunet_kd.conversion.cohorts import ANY_CASE_PATTERN
+from nnunet_kd.brats import ANY_CASE_PATTERN, RELEASE_LABEL_CONVENTIONS
 
 
 class ConversionError(ValueError):
     """Bad input or output for the converter; the command turns it into ``error: ...`` and exit code 1."""
 
 
-#: Releases the converter knows -> (label convention in brats.RELEASE_TO_NNUNET, default dataset name).
+#: Releases the converter knows -> (label convention, a key of brats.RELEASE_TO_NNUNET; default dataset name).
 RELEASES: Dict[str, Tuple[str, str]] = {
-    "brats2018": ("brats2021", "BraTS2018"),
-    "brats2019": ("brats2021", "BraTS2019"),
-    "brats2020": ("brats2021", "BraTS2020"),
-    "brats2021": ("brats2021", "BraTS2021"),
-    "brats2023": ("brats2023", "BraTS2023"),
-    "brats2024": ("brats2023", "BraTS2024"),
-    "brats2025": ("brats2023", "BraTS2025"),
-    "msd": ("msd", "BrainTumour"),
+    release: (RELEASE_LABEL_CONVENTIONS[release], name)
+    for release, name in (("brats2018", "BraTS2018"), ("brats2019", "BraTS2019"), ("brats2020", "BraTS2020"),
+                          ("brats2021", "BraTS2021"), ("brats2023", "BraTS2023"), ("brats2024", "BraTS2024"),
+                          ("brats2025", "BraTS2025"), ("msd", "BrainTumour"))
 }
 YEAR_CHOICES: Tuple[str, ...] = ("2018", "2019", "2020", "2021", "2023", "2024", "2025", "msd")
 
 #: Case folder names per release. 2023-2025 share one naming for every cohort (GLI, MEN, MEN-RT, MET, PED,
-#: SSA, GoAT; conversion/cohorts.py), so detection reports brats2023 and the cohort decides the labels.
+#: SSA, GoAT; brats/cohorts.py), so detection reports brats2023 and the cohort decides the labels.
 CASE_PATTERNS: Dict[str, "re.Pattern[str]"] = {
     "brats2018": re.compile(r"^Brats18_\w+$", re.IGNORECASE),
     "brats2019": re.compile(r"^BraTS19_\w+$", re.IGNORECASE),

@@ -1,9 +1,9 @@
 """BraTS evaluation of segmentations.
 
-- :mod:`~nnunet_kd.evaluation.metrics`: Dice, HD95, WT/TC/ET metrics and their means (BraTS conventions),
-  label conventions;
-- :mod:`~nnunet_kd.evaluation.evaluate`: scoring a folder of predictions against references, and the
-  ``nnunet_kd_evaluate`` command;
+- :mod:`~nnunet_kd.evaluation.metrics`: Dice, HD95, WT/TC/ET metrics and their means (BraTS 2018-2021
+  conventions), the ``--labels`` conventions (the label values themselves are :mod:`nnunet_kd.brats`'s);
+- :mod:`~nnunet_kd.evaluation.evaluate`: scoring a folder of predictions against references;
+  :mod:`~nnunet_kd.evaluation.evaluate_cli`: the ``nnunet_kd_evaluate`` command;
 - :mod:`~nnunet_kd.evaluation.tables` and :mod:`~nnunet_kd.evaluation.plots`: the CSV tables and figures;
 - :mod:`~nnunet_kd.evaluation.lesionwise`: the official BraTS 2023+ lesion-wise metrics (optional extra
   ``brats-eval``); :mod:`~nnunet_kd.evaluation.modes`: ``--metrics legacy|lesionwise|both`` and

@@ -1,43 +1,38 @@
-"""BraTS-style evaluation of segmentation folders: Dice and HD95 for WT, TC and ET.
-
-Command line::
-
-    nnunet_kd_evaluate -r REF_DIR -p PRED_DIR -o metrics.json [--labels nnunet|brats2021|brats2023] [-np N]
-        [--metrics legacy|lesionwise|both] [--cohort GLI-2024]
-
-``--labels brats2018``, ``brats2019`` and ``brats2020`` are read as ``brats2021`` (the same label values).
-
-``--metrics``: legacy (default, below), the official lesion-wise metrics or both
-(:mod:`nnunet_kd.evaluation.modes`; lesion-wise needs the ``brats-eval`` extra).
+"""BraTS-style scoring of segmentation folders: Dice and HD95 for WT, TC and ET (the legacy metrics).
 
 Predictions and references are NIfTI files (``*.nii.gz``) matched by file name; other
 files are ignored. Every file is read whole (:func:`nnunet_kd.nifti.read_image`: a truncated
 file is an error, not a zero-filled read); prediction and reference must lie on the same voxel
 grid. Metrics and label conventions: :mod:`nnunet_kd.evaluation.metrics`.
 
-Outputs: ``metrics.json`` (``{"mean": {...}, "cases": {...}}``, written atomically),
+Outputs (:func:`write_results`): ``metrics.json`` (``{"mean": {...}, "cases": {...}}``, written atomically),
 ``metrics.csv`` (columns case, region, dice, hd95) and one box plot per region
 (``metrics_WT.png``, ...; Dice and HD95 side by side).
 
 :func:`evaluate_case`, :func:`evaluate_pairs` and :func:`evaluate_folders` are meant to be reused
-(e.g. by the missing-modality evaluation).
+(e.g. by the missing-modality evaluation and by :mod:`nnunet_kd.evaluation.modes`, which adds the
+official lesion-wise metrics). The ``nnunet_kd_evaluate`` command is :mod:`nnunet_kd.evaluation.evaluate_cli`.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
 
 from nnunet_kd.atomic import atomic_write_json
-from nnunet_kd.cli import command
-from nnunet_kd.evaluation.metrics import (CaseMetrics, EvaluationError, add_labels_argument, add_metrics_arguments,
-                                          label_mapping, mean_metrics, region_metrics, to_nnunet_labels)
+from nnunet_kd.evaluation.metrics import (CaseMetrics, EvaluationError, label_mapping, mean_metrics, region_metrics,
+                                          to_nnunet_labels)
 from nnunet_kd.evaluation.plots import plot_region_boxplots
 from nnunet_kd.evaluation.tables import write_region_table
 from nnunet_kd.nifti import NiftiError, grid_mismatch, read_image
 
 NIFTI_SUFFIX = ".nii.gz"
+
+#: A label map as read: the image (geometry) and its voxels (z, y, x).
+Segmentation = Tuple[sitk.Image, np.ndarray]
 
 # Tolerances when comparing the geometry of a prediction with its reference.
 _SPACING_RTOL = 1e-4
@@ -87,7 +82,7 @@ def match_cases(ref_dir: str, pred_dir: str) -> Dict[str, Tuple[str, str]]:
     return {c: (preds[c], refs[c]) for c in sorted(refs)}
 
 
-def read_segmentation(path: str):
+def read_segmentation(path: str) -> Segmentation:
     """Read a whole label map: ``(sitk.Image, array (z, y, x))``; EvaluationError naming the file otherwise."""
     try:
         image, array = read_image(path)
@@ -98,7 +93,7 @@ def read_segmentation(path: str):
     return image, array
 
 
-def check_geometry(case: str, pred_file: str, ref_file: str, pred, ref) -> None:
+def check_geometry(case: str, pred_file: str, ref_file: str, pred: Segmentation, ref: Segmentation) -> None:
     """``pred`` and ``ref`` are ``(image, array)``; EvaluationError unless they share the voxel grid."""
     if pred[1].shape != ref[1].shape:
         raise EvaluationError(
@@ -213,43 +208,7 @@ def evaluate_folders(
     return results
 
 
-# --------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnunet_kd_evaluate",
-        description="BraTS evaluation (Dice, HD95 in mm) of WT, TC, ET for a folder of .nii.gz predictions.",
-    )
-    p.add_argument("-r", "--ref", required=True, help="folder with reference segmentations (.nii.gz)")
-    p.add_argument("-p", "--pred", required=True, help="folder with predicted segmentations (same file names)")
-    p.add_argument("-o", "--output", required=True, help="output JSON; CSV and PNG box plots are written beside it")
-    add_labels_argument(p, "label convention of both folders")
-    p.add_argument("-np", "--num-processes", type=int, default=default_num_processes(),
-                   help="worker processes (default: min(4, CPUs))")
-    p.add_argument("--no-plots", action="store_true", help="skip the box plots")
-    add_metrics_arguments(p)
-    return p
+if __name__ == "__main__":  # ``python -m nnunet_kd.evaluation.evaluate``: the command of evaluate_cli.py
+    import runpy
 
-
-@command(EvaluationError)
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.num_processes < 1:
-        raise EvaluationError(f"-np must be at least 1, got {args.num_processes}")
-    from nnunet_kd.evaluation.modes import evaluate_with_metrics  # modes builds on this module
-
-    results = evaluate_with_metrics(args.ref, args.pred, args.output, metrics=args.metrics, labels=args.labels,
-                                    cohort=args.cohort, num_processes=args.num_processes, plots=not args.no_plots)
-    for region, m in results.get("mean", {}).items():
-        print(f"{region}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm")
-    lesion = results.get("lesionwise", {"mean": {}, "cases": {}})
-    for region, m in lesion["mean"].items():
-        print(f"{region}: lesion-wise Dice {m['lesion_dice']:.4f}  HD95 {m['lesion_hd95']:.2f}  "
-              f"(global Dice {m['global_dice']:.4f}; official {lesion['config']} config)")
-    print(f"{len(results.get('cases', lesion['cases']))} cases; written {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    runpy.run_module("nnunet_kd.evaluation.evaluate_cli", run_name="__main__")

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+import types
 import warnings
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
@@ -65,7 +66,7 @@ class OfficialPackageMissing(ImportError):
     """The optional official BraTS evaluation package is not installed."""
 
 
-def official_package():
+def official_package() -> types.ModuleType:
     """Import and return ``brats_evaluation``; OfficialPackageMissing naming the extra if it is absent."""
     try:
         import brats_evaluation

@@ -16,10 +16,11 @@ from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_kd.brats import (LABEL_CONVENTION_ALIASES, REGIONS, RELEASE_TO_NNUNET, canonical_label_convention,
-                             map_labels, region_masks)
+from nnunet_kd.brats import (LABEL_CONVENTION_ALIASES, NNUNET_LABELS, REGIONS, RELEASE_TO_NNUNET,
+                             canonical_label_convention, map_labels, region_masks)
 
-#: HD95 (mm) assigned when exactly one of prediction and reference is empty (BraTS convention).
+#: HD95 (mm) assigned when exactly one of prediction and reference is empty (BraTS 2018-2021 convention: the
+#: diagonal of the 240 x 240 x 155 voxel, 1 mm BraTS volume).
 BRATS_HD95_PENALTY: float = 373.13
 
 #: Label conventions accepted by ``--labels``; ``nnunet`` means labels are already 0/1/2/3 (1 ED, 2 NCR, 3 ET).
@@ -43,7 +44,7 @@ class EvaluationError(ValueError):
 def label_mapping(labels: str) -> Dict[int, int]:
     """Lookup table from a label convention to nnU-Net labels."""
     if labels == "nnunet":
-        return {0: 0, 1: 1, 2: 2, 3: 3}
+        return {v: v for v in sorted(NNUNET_LABELS.values())}
     if labels in RELEASE_TO_NNUNET:
         return dict(RELEASE_TO_NNUNET[labels])
     raise EvaluationError(
@@ -142,7 +143,8 @@ def mean_over_combinations(combinations: Mapping[str, Mapping]) -> CaseMetrics:
     return mean_metrics({name: entry["mean"] for name, entry in combinations.items()})
 
 
-#: ``--metrics`` choices: the legacy (2018-2021) case-wise metrics, the official lesion-wise ones, or both.
+#: ``--metrics`` choices: the legacy (2018-2021) case-wise metrics, the lesion-wise ones of the official BraTS 2023+
+#: package BraTS-evaluation, or both.
 METRIC_MODES: Tuple[str, ...] = ("legacy", "lesionwise", "both")
 
 

@@ -20,15 +20,16 @@ subset is passed in memory, nothing is copied), with one network loaded once. Ou
 * ``missing_modalities_dice.png`` and ``missing_modalities_hd95.png``: heat maps of the
   combinations x (WT, TC, ET) table plus the mean row.
 
-Dice and HD95 follow :mod:`nnunet_kd.evaluation.metrics` (BraTS conventions). With ``--metrics lesionwise``
-or ``both`` each combination also gets ``"lesionwise"`` (:mod:`nnunet_kd.evaluation.modes`, the official
-package) and ``missing_modalities_lesionwise.csv`` its means; ``lesionwise`` alone skips the legacy outputs.
+Dice and HD95 follow :mod:`nnunet_kd.evaluation.metrics` (BraTS 2018-2021 conventions). With ``--metrics
+lesionwise`` or ``both`` each combination also gets ``"lesionwise"`` (:mod:`nnunet_kd.evaluation.modes`, the
+official BraTS-evaluation package) and ``missing_modalities_lesionwise.csv`` its means; ``lesionwise`` alone
+skips the legacy outputs.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import (REGIONS, channel_names_of, display_name, modality_combinations, modality_label,
@@ -44,6 +45,10 @@ from nnunet_kd.evaluation.tables import write_region_table
 from nnunet_kd.inference.inputs import FilesByChannel, PredictionError, find_cases
 from nnunet_kd.inference.models import load_predictor, model_dataset_json
 from nnunet_kd.inference.predict import Job, add_model_arguments, device_from_args, model_from_args, run_jobs
+
+if TYPE_CHECKING:  # torch and nnU-Net are imported only when a network is loaded
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 OUTPUT_STEM = "missing_modalities"
 MEAN_ROW = "mean"
@@ -154,9 +159,9 @@ def write_outputs(results: Mapping, output_folder: str, plots: bool = True) -> L
 # --------------------------------------------------------------------------------------
 # the evaluation
 # --------------------------------------------------------------------------------------
-def _predict_combinations(predictor, cases: Mapping[str, FilesByChannel], combos: Sequence[Combination],
-                          folders: Mapping[str, str], num_processes_export: int, num_processes_preprocessing: int,
-                          progress: bool, verbose: bool) -> None:
+def _predict_combinations(predictor: "nnUNetPredictor", cases: Mapping[str, FilesByChannel],
+                          combos: Sequence[Combination], folders: Mapping[str, str], num_processes_export: int,
+                          num_processes_preprocessing: int, progress: bool, verbose: bool) -> None:
     """One pass over all combinations and cases: one network, one export pool."""
     from tqdm import tqdm
 
@@ -190,7 +195,7 @@ def evaluate_missing_modalities(
     output_folder: str,
     folds: Optional[Sequence[Union[int, str]]] = (0,),
     checkpoint_name: str = "checkpoint_final.pth",
-    device=None,
+    device: Optional[Union[str, "torch.device"]] = None,
     tile_step_size: float = 0.5,
     use_mirroring: bool = True,
     labels: str = "nnunet",
@@ -201,7 +206,7 @@ def evaluate_missing_modalities(
     plots: bool = True,
     progress: bool = True,
     verbose: bool = False,
-    predictor=None,
+    predictor: Optional["nnUNetPredictor"] = None,
     metrics: str = "legacy",
     cohort: Optional[str] = None,
 ) -> Dict:

@@ -1,5 +1,6 @@
 """The evaluation modes: ``legacy`` (BraTS 2018-2021 case-wise Dice / HD95 of WT, TC, ET; metrics.py),
-``lesionwise`` (the BraTS 2023+ leaderboard metrics of the official package; lesionwise.py) or ``both``.
+``lesionwise`` (the BraTS 2023+ leaderboard metrics of the official BraTS-evaluation package; lesionwise.py)
+or ``both``.
 
 :func:`evaluate_with_metrics` is the one entry point for commands and the study. Lesion-wise metrics
 need the cohort whose labels and official config apply: given, or the ``brats_cohort`` that the
@@ -17,8 +18,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import numpy as np
 
 from nnunet_kd.atomic import atomic_write_json, atomic_write_text
-from nnunet_kd.brats import RELEASE_TO_NNUNET
-from nnunet_kd.conversion.cohorts import COHORTS, Cohort
+from nnunet_kd.brats import COHORTS, RELEASE_TO_NNUNET, Cohort
 from nnunet_kd.evaluation import lesionwise
 from nnunet_kd.evaluation.evaluate import (check_geometry, default_num_processes, evaluate_pairs, match_cases,
                                            output_stem, read_segmentation, write_results)

@@ -200,7 +200,7 @@ def _write_cohort_case(out_dir: str, index: int, cohort_key: str, arrays: Dict[s
                        spacing: Sequence[float], with_seg: bool, file_ending: str) -> str:
     """One case of a 2023+ cohort (conversion/cohorts.py): its case name, sequences and original labels.
     Cohorts with a fourth label (RC, CC) get a label-4 blob; post-treatment cohorts (RC) timepoint 100."""
-    from nnunet_kd.conversion.cohorts import COHORTS, to_original
+    from nnunet_kd.brats import COHORTS, to_original
 
     cohort = COHORTS[cohort_key]
     nn = map_labels(arrays["seg"], RELEASE_TO_NNUNET["brats2021"])  # 1 ED, 2 NCR, 3 ET

@@ -46,16 +46,25 @@ def model_folder_from_ids(dataset: Union[str, int], trainer: str = DEFAULT_TRAIN
     return folder
 
 
+def folds_with_checkpoint(model_folder: str, checkpoint_name: str = "checkpoint_final.pth") -> Folds:
+    """Every fold whose ``fold_X`` folder in ``model_folder`` holds the checkpoint: the numbered folds in
+    order, then ``'all'`` if ``fold_all`` has it. Also the lookup of MTCM-KD's pretrained teachers."""
+    numbered: List[int] = []
+    has_all = False
+    for d in os.listdir(model_folder):
+        m = re.fullmatch(r"fold_(\d+|all)", d)
+        if m and os.path.isfile(os.path.join(model_folder, d, checkpoint_name)):
+            if m.group(1) == "all":
+                has_all = True
+            else:
+                numbered.append(int(m.group(1)))
+    return sorted(numbered) + (["all"] if has_all else [])
+
+
 def detect_folds(model_folder: str, checkpoint_name: str = "checkpoint_final.pth") -> Folds:
     """Folds ``fold_X`` with the checkpoint; ``['all']`` when only ``fold_all`` has one."""
-    folds: Folds = []
-    for d in sorted(os.listdir(model_folder)):
-        m = re.fullmatch(r"fold_(\d+)", d)
-        if m and os.path.isfile(os.path.join(model_folder, d, checkpoint_name)):
-            folds.append(int(m.group(1)))
-    folds.sort()
-    if not folds and os.path.isfile(os.path.join(model_folder, "fold_all", checkpoint_name)):
-        folds = ["all"]
+    folds = folds_with_checkpoint(model_folder, checkpoint_name)
+    folds = [f for f in folds if f != "all"] or folds
     if not folds:
         raise PredictionError(f"no fold_X/{checkpoint_name} in model folder {model_folder!r}")
     return folds

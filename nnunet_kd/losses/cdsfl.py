@@ -1,4 +1,7 @@
-"""Cooperative deep supervision fusion learning (CDSFL) of MTCM-KD.
+"""Cooperative deep supervision fusion learning (CDSFL) of MTCM-KD (Ahmad, Ullah, Gwak, Knowledge-Based
+Systems 297 (2024) 111854; reference code: github.com/RhineLT/mtcm-kd, models/cooperative_learning.py).
+
+The fusion head exists only for this loss and is trained by it, so it lives beside it.
 
 At a decoder level below full resolution each teacher's features pass through
 their own CBAM channel gate and their own 1x1(x1) conv to the number of outputs;

@@ -1,4 +1,6 @@
-"""Response-based knowledge distillation (MTCM-KD's teacher -> student term).
+"""Response-based knowledge distillation: MTCM-KD's teacher -> student term (Ahmad, Ullah, Gwak,
+Knowledge-Based Systems 297 (2024) 111854; reference code: github.com/RhineLT/mtcm-kd, a public fork of
+the authors' repository).
 
 Works for 2-D and 3-D outputs (any number of spatial dims) and for both of
 nnU-Net's output kinds:
@@ -29,13 +31,15 @@ one-vs-rest Bernoulli KL, ``KL(Bern(p_c) || Bern(q_c))``, times its weight: each
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["response_kd_loss", "binary_kl_from_logits", "one_vs_rest_kl_from_logits", "KD_REDUCTIONS"]
+__all__ = ["response_kd_loss", "ResponseKD", "binary_kl_from_logits", "one_vs_rest_kl_from_logits",
+           "KD_REDUCTIONS"]
 
 #: Reductions of :func:`response_kd_loss` over batch and voxels.
 KD_REDUCTIONS = ("mean", "batchmean")
@@ -63,14 +67,13 @@ def _bernoulli_kl(log_p: Tensor, log_1mp: Tensor, log_q: Tensor, log_1mq: Tensor
 
 
 def one_vs_rest_kl_from_logits(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """Per class, KL(Bern(p_c) || Bern(q_c)) of the softmax probabilities p (teacher), q (student).
+    """Per class c, KL(Bern(p_c) || Bern(q_c)) of the teacher's softmax probabilities p and the student's q.
 
     Args:
-        teacher_logits: (B, C, *spatial), already divided by the temperature.
-        student_logits: same shape as ``teacher_logits``.
+        teacher_logits, student_logits: (B, C, *spatial) each, already divided by the temperature.
 
     Returns:
-        Tensor of the same shape, KL per class and voxel (>= 0 up to rounding).
+        (B, C, *spatial): the KL of each class at each voxel (>= 0 up to rounding).
     """
     log_p, log_q = F.log_softmax(teacher_logits, dim=1), F.log_softmax(student_logits, dim=1)
     # log(1 - p) = log(-expm1(log p)), accurate near p = 1; clamped so a saturated p = 1 stays finite.
@@ -143,3 +146,33 @@ def response_kd_loss(
         per_voxel = kl.sum(dim=1)  # (B, *spatial)
         loss = per_voxel.mean() if reduction == "mean" else per_voxel.sum() / per_voxel.shape[0]
         return loss * (float(temperature) ** temperature_power)
+
+
+@dataclass(frozen=True)
+class ResponseKD:
+    """One setting of :func:`response_kd_loss` (a trainer's KD attributes), called like the loss.
+
+    Args:
+        temperature: T > 0.
+        temperature_power: the loss is multiplied by ``T ** temperature_power``.
+        reduction: one of :data:`KD_REDUCTIONS`.
+        use_regions: sigmoid (region) outputs instead of softmax.
+    """
+
+    temperature: float
+    temperature_power: int
+    reduction: str
+    use_regions: bool
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"KD temperature must be > 0, got {self.temperature}")
+        if self.reduction not in KD_REDUCTIONS:
+            raise ValueError(f"KD reduction must be one of {KD_REDUCTIONS}, got {self.reduction!r}")
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor,
+                 channel_weights: Optional[Tensor] = None) -> Tensor:
+        """Args: student and teacher logits (B, C, *spatial), optional (C,) channel weights. Returns: 0-dim
+        loss; the teacher's logits get no gradient."""
+        return response_kd_loss(student_logits, teacher_logits, self.temperature, self.use_regions,
+                                self.temperature_power, self.reduction, channel_weights)

@@ -1,4 +1,5 @@
-"""The MTCM-KD student's loss, split into the terms whose gradient shares the trainer logs.
+"""The MTCM-KD student's loss (Ahmad, Ullah, Gwak, Knowledge-Based Systems 297 (2024) 111854), split into
+the terms whose gradient shares the trainer logs.
 
 Once KD is on (docs/methods.md)::
 
@@ -8,62 +9,24 @@ Once KD is on (docs/methods.md)::
 
 with l over the CDSFL levels. ``w_i`` is teacher i's weight: one number for every region (the paper's
 rule) or one weight per output channel, shape (C,) (the default, per-region rule); ``v_l`` is 1 or a
-(C,) factor per channel for CDSFL at level l; ``ramp`` (:func:`kd_rampup`) grows linearly from the
-epoch KD starts. Before KD starts the student learns from the ground truth alone with nnU-Net's
+(C,) factor per channel for CDSFL at level l; ``ramp`` (training/schedules.py, ``kd_rampup``) grows
+linearly from the epoch KD starts. Before KD starts the student learns from the ground truth alone with nnU-Net's
 deep-supervised segmentation loss at weight 1.0, as the reference code does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from nnunet_kd.losses.kd import KD_REDUCTIONS, response_kd_loss
-
-__all__ = ["STUDENT_TERMS", "ResponseKD", "kd_rampup", "student_loss_terms"]
+__all__ = ["STUDENT_TERMS", "student_loss_terms"]
 
 #: Weighted terms of the student loss, in logging order.
 STUDENT_TERMS = ("supervised", "response_kd", "cdsfl_kd")
 
 #: A KD weight: one number for all channels, or a (C,) tensor with one weight per output channel.
 KDWeight = Union[float, Tensor]
-
-
-@dataclass(frozen=True)
-class ResponseKD:
-    """One setting of the response KD: KL(teacher || student) at ``temperature``, times
-    ``temperature ** temperature_power``, reduced over voxels by ``reduction`` (see losses/kd.py)."""
-
-    temperature: float
-    temperature_power: int
-    reduction: str
-    use_regions: bool
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"KD temperature must be > 0, got {self.temperature}")
-        if self.reduction not in KD_REDUCTIONS:
-            raise ValueError(f"KD reduction must be one of {KD_REDUCTIONS}, got {self.reduction!r}")
-
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor,
-                 channel_weights: Optional[Tensor] = None) -> Tensor:
-        """(B, C, *spatial) logits each (and optional (C,) channel weights) -> 0-dim loss; the teacher's
-        logits get no gradient."""
-        return response_kd_loss(student_logits, teacher_logits, self.temperature, self.use_regions,
-                                self.temperature_power, self.reduction, channel_weights)
-
-
-def kd_rampup(epoch: int, start_epoch: int, rampup_epochs: int) -> float:
-    """Factor on every distillation term: 0 before ``start_epoch``, then ``(epoch - start_epoch + 1) /
-    rampup_epochs`` up to 1 (so 1 / rampup_epochs in the first KD epoch); 1 from ``start_epoch`` on when
-    ``rampup_epochs`` <= 1."""
-    if epoch < start_epoch:
-        return 0.0
-    if rampup_epochs <= 1:
-        return 1.0
-    return min(1.0, (epoch - start_epoch + 1) / rampup_epochs)
 
 
 def _weighted_kd(kd: Callable[..., Tensor], student: Tensor, teacher: Tensor, weight: KDWeight) -> Optional[Tensor]:
@@ -87,9 +50,9 @@ def student_loss_terms(student_out: Sequence[Tensor], teacher_outputs: Sequence[
         teacher_outputs: one such list per teacher (only level 0 is used).
         fused: CDSFL logits per level in ``levels``, (B, C, *s_l).
         seg_loss: nnU-Net's deep-supervision wrapper (``seg_loss.loss`` is the single-level loss).
-        kd: :class:`ResponseKD` (or any ``kd(student, teacher[, channel_weights])``).
+        kd: :class:`~nnunet_kd.losses.kd.ResponseKD` (or any ``kd(student, teacher[, channel_weights])``).
         kd_weights: per teacher a number (paper rule) or a (C,) tensor of channel weights.
-        kd_scale: the ramp factor on both KD terms (:func:`kd_rampup`).
+        kd_scale: the ramp factor on both KD terms (training/schedules.py, ``kd_rampup``).
         cdsfl_kd_weights: per level a factor or (C,) channel factors on the CDSFL KD; None: 1.
 
     Returns:

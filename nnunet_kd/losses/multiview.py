@@ -1,4 +1,6 @@
-"""Feature-level distillation of MGSD: multi-view (axis-profile) consistency."""
+"""Feature-level distillation of MGSD: multi-view (axis-profile) consistency of the masked pass's decoder
+features with the full pass's (the normalisation is the reference code's ``mutiaxis_norm``,
+github.com/henryccl/MMBTS; the comparison departs from it, see :class:`MultiViewConsistencyLoss`)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -12,9 +14,12 @@ __all__ = ["axis_profiles", "mix_normalise", "normalised_profiles", "MultiViewCo
 def axis_profiles(x: torch.Tensor) -> list[torch.Tensor]:
     """Average-pool features to one 1-D profile per spatial axis.
 
-    x: (B, C, *spatial) with n spatial axes. Returns n tensors, the i-th of shape
-    (B, C, spatial[i]): the mean over all other spatial axes (for 3-D (D, H, W):
-    axial (B, C, D), coronal (B, C, H), sagittal (B, C, W)). Accumulated in float32.
+    Args:
+        x: (B, C, *spatial) with n >= 1 spatial axes.
+
+    Returns:
+        n float32 tensors, the i-th of shape (B, C, spatial[i]): the mean over all other spatial axes (for
+        3-D (D, H, W): axial (B, C, D), coronal (B, C, H), sagittal (B, C, W)).
     """
     n = x.ndim - 2
     if n < 1:
@@ -29,11 +34,17 @@ def axis_profiles(x: torch.Tensor) -> list[torch.Tensor]:
 def mix_normalise(x: torch.Tensor, gamma: float = 0.7, eps: float = 1e-6) -> torch.Tensor:
     """The reference's multi-view normalisation (``mutiaxis_norm``, GRN-style), per sample.
 
-    x: (B, C, L), L positions (the concatenated axis profiles) of C channels.
-    g = L2 norm of x over the L positions, per channel: (B, C, 1);
-    n = g / (mean of g over the C channels + eps): (B, C, 1);
-    out = gamma * x * n + (1 - gamma) * x: (B, C, L).
-    Channels with a larger profile norm than average are amplified, weaker ones damped.
+    g = L2 norm of x over the L positions, per channel, (B, C, 1); n = g / (mean of g over the C channels
+    + eps), (B, C, 1); out = gamma * x * n + (1 - gamma) * x. Channels with a larger profile norm than
+    average are amplified, weaker ones damped.
+
+    Args:
+        x: (B, C, L), L positions (the concatenated axis profiles) of C channels.
+        gamma: weight of the normalised profile against the raw one.
+        eps: added to the mean norm.
+
+    Returns:
+        (B, C, L) tensor.
     """
     if x.ndim != 3:
         raise ValueError(f"expected (B, C, L), got shape {tuple(x.shape)}")
@@ -43,11 +54,17 @@ def mix_normalise(x: torch.Tensor, gamma: float = 0.7, eps: float = 1e-6) -> tor
 
 
 def normalised_profiles(x: torch.Tensor, gamma: float = 0.7, eps: float = 1e-6) -> list[torch.Tensor]:
-    """Axis profiles of x (B, C, *spatial), normalised together as the reference does.
+    """Axis profiles of x, normalised together as the reference does.
 
-    The n profiles (see :func:`axis_profiles`) are concatenated along positions to
-    (B, C, sum(spatial)), normalised by :func:`mix_normalise` (so g is one norm per channel over
-    all axes' positions) and split back: n tensors (B, C, spatial[i]), float32.
+    The n profiles (see :func:`axis_profiles`) are concatenated along positions to (B, C, sum(spatial)),
+    normalised by :func:`mix_normalise` (so g is one norm per channel over all axes' positions) and split back.
+
+    Args:
+        x: (B, C, *spatial) features.
+        gamma, eps: as :func:`mix_normalise`.
+
+    Returns:
+        n float32 tensors (B, C, spatial[i]).
     """
     profiles = axis_profiles(x)
     joint = mix_normalise(torch.cat(profiles, dim=2), gamma, eps)
@@ -87,7 +104,8 @@ class MultiViewConsistencyLoss(nn.Module):
         return torch.cat(normalised_profiles(x, self.gamma, self.eps), dim=2)
 
     def forward(self, full_features: Sequence[torch.Tensor], masked_features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """full_features / masked_features: one (B, C_s, *spatial_s) tensor per stage -> scalar (float32)."""
+        """Args: full_features, masked_features: one (B, C_s, *spatial_s) tensor per stage (the full pass is
+        detached here). Returns: 0-dim float32 tensor, the sum over stages."""
         n = len(self.channels_per_stage)
         if len(full_features) != n or len(masked_features) != n:
             raise ValueError(f"expected {n} stages, got {len(full_features)} full and {len(masked_features)} masked")

@@ -1,4 +1,6 @@
-"""Modality-level distillation of MGSD: mutual-aware attention between the two passes."""
+"""Modality-level distillation of MGSD: mutual-aware attention between the full and the masked pass
+(reference code: github.com/henryccl/MMBTS, MMBTS/models/MGOD/; the target departs from it, see
+:class:`MutualAwareAttention`). The attention heads exist only for this loss and train with it."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from nnunet_kd.losses.ema import ema_update
+from nnunet_kd.training.ema import ema_update
 
 __all__ = ["CrossAttentionBlock", "ModalityTokenizer", "ModalityRepresentation", "MutualAwareAttention", "TARGETS"]
 
@@ -229,6 +231,8 @@ class MutualAwareAttention(nn.Module):
 
     def forward(self, full_bottleneck: torch.Tensor, masked_bottleneck: torch.Tensor, full_input: torch.Tensor,
                 masked_input: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:
+        """Args: full_bottleneck, masked_bottleneck (B, Cb, *s); full_input, masked_input (B, M, *S);
+        modality_mask (B, M) bool (see the class docstring). Returns: 0-dim float32 loss."""
         self._check(full_bottleneck, masked_bottleneck, full_input, masked_input, modality_mask)
         b, m = full_input.shape[:2]
         # Both heads run on every modality (tokens are few); the mask picks the relevant error.

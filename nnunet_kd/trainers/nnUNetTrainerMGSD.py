@@ -1,4 +1,6 @@
-"""MGSD: multi-granularity self distillation for segmentation from any subset of modalities.
+"""MGSD: multi-granularity self distillation for segmentation from any subset of modalities (reference code:
+github.com/henryccl/MMBTS, MMBTS/train_MGOD.py and MMBTS/models/MGOD/; a partial release, so the losses
+are rebuilt on nnU-Net's network and loss, docs/methods.md).
 
 One network over all four channels. Each iteration it sees the full input and a
 masked input (one proper non-empty modality subset per sample, missing channels
@@ -8,47 +10,36 @@ image (masked-pass outputs towards the EMA output: the main signal), feature (no
 decoder profiles of the masked pass towards the full pass, no learnable head) and modality (mutual-aware
 attention on the bottleneck; off by default, a probe only, see nnUNetTrainerMGSD_ModalityKD).
 The distillation weights ramp up from zero, and their gradient is capped to a share of the supervised one,
-so that they never shrink the supervised update through nnU-Net's gradient clipping.
+so that they never shrink the supervised update through nnU-Net's gradient clipping. The baseline
+nnUNetTrainerModalityDropout is here (MGSD builds on it); the variants are in nnUNetTrainerMGSD_variants.py.
 docs/methods.md gives every loss term and weight.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_kd.atomic import atomic_write_json
 from nnunet_kd.brats import MODALITIES
-from nnunet_kd.losses.mgsd import (MultiViewConsistencyLoss, MutualAwareAttention, StyleDiscriminator,
-                                   apply_modality_mask, discriminator_loss, ema_update,
-                                   generator_adversarial_loss, linear_rampup, sample_modality_masks,
-                                   warmed_up_momentum)
+from nnunet_kd.losses import MultiViewConsistencyLoss, MutualAwareAttention, image_kd_loss, output_probabilities
 from nnunet_kd.training.budget import apply_budget_overrides, check_budget_environment
-from nnunet_kd.training.checkpoints import CheckpointSectionMixin
+from nnunet_kd.training.channel_subset import dataset_channels
 from nnunet_kd.training.compilation import CompiledGraphLogMixin
-from nnunet_kd.training.distributed import broadcast_module, is_distributed, sum_over_ranks
+from nnunet_kd.training.distillation_log import DistillationLogMixin
+from nnunet_kd.training.distributed import broadcast_module, sum_over_ranks
+from nnunet_kd.training.ema import ema_update, warmed_up_momentum
 from nnunet_kd.training.features import FeatureTap, bottleneck_channels, decoder_channels, unwrap_network
-from nnunet_kd.training.gradient_shares import (GradientShareMeter, allow_retained_compiled_graphs, auxiliary_scale,
+from nnunet_kd.training.gradient_shares import (ClipStatistics, allow_retained_compiled_graphs, auxiliary_scale,
                                                 clip_threshold, gradient_norms)
-from nnunet_kd.training.model_folder import dataset_channels
+from nnunet_kd.training.modality_mask import apply_modality_mask, sample_modality_masks
 from nnunet_kd.training.optimisation import backward_and_step
 from nnunet_kd.training.precision import CPUAutocastMixin
-
-
-def _max_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum of a 1-D CPU tensor over all ranks (``values`` itself outside DDP)."""
-    if not is_distributed():
-        return values
-    table = torch.zeros(torch.distributed.get_world_size(), *values.shape, dtype=values.dtype)
-    table[torch.distributed.get_rank()] = values  # each rank fills its row; the sum gathers them all
-    return sum_over_ranks(table).amax(0)
+from nnunet_kd.training.schedules import linear_rampup
 
 
 class nnUNetTrainerModalityDropout(CompiledGraphLogMixin, CPUAutocastMixin, nnUNetTrainer):
@@ -90,7 +81,7 @@ class nnUNetTrainerModalityDropout(CompiledGraphLogMixin, CPUAutocastMixin, nnUN
         return {"loss": loss.detach().cpu().numpy()}
 
 
-class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
+class nnUNetTrainerMGSD(DistillationLogMixin, nnUNetTrainerModalityDropout):
     """Multi-granularity self distillation (image, feature and modality level) with an EMA teacher."""
 
     #: EMA teacher: ema = m_s * ema + (1 - m_s) * network after every optimiser step, with the mean-teacher
@@ -106,6 +97,12 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
     image_kd_weight: float = 10.0 / 3
     modality_kd_weight: float = 0.0
     feature_kd_weight: float = 50.0 / 3
+    #: Teacher of the modality-level term (MutualAwareAttention's ``target``): "fixed" (a frozen copy of the
+    #: initial first-stage heads, i.e. EMA heads at momentum 1, on the EMA network's full-input bottleneck,
+    #: under stop-gradient), "ema" (heads following the online ones), "full_pass" (the project's earlier form)
+    #: or "symmetric" (the reference's). Only "fixed" keeps the heads alone from driving it to ~0
+    #: (tests/losses/test_modality_collapse.py); the others stay selectable to compare.
+    modality_kd_target: str = "fixed"
     #: Passes whose outputs the image-level term pulls towards the EMA output: the reference uses both; the
     #: full pass against the EMA of the same input only drags it towards older weights, so only the masked
     #: pass by default (nnUNetTrainerMGSD_ImageKDBothPasses measures both).
@@ -118,12 +115,12 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
     #: 12 / (1 - share) instead of nnU-Net's 12, so the clipping never scales the supervised part down more
     #: than nnU-Net's would scale the supervised gradient alone.
     max_distillation_share: float = 0.3
-    #: Deep-supervision levels whose decoder features enter the multi-view loss (0 = full resolution).
-    #: Plans with fewer levels use the ones they have.
-    feature_kd_levels: Tuple[int, ...] = (0, 1, 2)
     #: Multi-view normalisation: weight of the normalised profile against the raw one (docs/methods.md,
     #: "feature level"). The profiles are compared directly, without a learnable projection.
     multiview_gamma: float = 0.7
+    #: Deep-supervision levels whose decoder features enter the multi-view loss (0 = full resolution).
+    #: Plans with fewer levels use the ones they have.
+    feature_kd_levels: Tuple[int, ...] = (0, 1, 2)
     #: Mutual-aware attention head (modality level): token width, heads, tokens per axis.
     attention_embed_dim: int = 64
     attention_heads: int = 4
@@ -131,12 +128,6 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
     #: Modality-level term: weight of the tokens of present and of missing modalities.
     present_weight: float = 0.6
     missing_weight: float = 0.4
-    #: Teacher of the modality-level term (MutualAwareAttention's ``target``): "fixed" (a frozen copy of the
-    #: initial first-stage heads, i.e. EMA heads at momentum 1, on the EMA network's full-input bottleneck,
-    #: under stop-gradient), "ema" (heads following the online ones), "full_pass" (the project's earlier form)
-    #: or "symmetric" (the reference's). Only "fixed" keeps the heads alone from driving it to ~0
-    #: (tests/losses/test_modality_collapse.py).
-    modality_kd_target: str = "fixed"
     checkpoint_section = "mgsd_state"
     #: The attention heads train with AdamW (transformer practice), with nnU-Net's poly decay.
     aux_learning_rate: float = 3e-4
@@ -164,14 +155,12 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.aux_optimizer = self.aux_lr_scheduler = None
         self.tap = None
         self._term_sums: Dict[str, torch.Tensor] = {}  # this epoch's sum of each loss term, on the device
-        self.gradient_meter = GradientShareMeter(self.loss_term_names)
         self._epoch_step = 0
-        self.distillation_log: List[dict] = []
         self.distillation_ramp = 0.0  # linear_rampup of the current epoch
         self.distillation_scale = 1.0  # the cap's factor on the distillation terms, set by each measurement
-        self._clip_stats: Dict[str, object] = {}  # this epoch's clipping statistics (see _record_clip)
+        self.clip_stats = ClipStatistics()  # this epoch's clip ratios and cap factors
 
-    def initialize(self):
+    def initialize(self) -> None:
         if not self.enable_deep_supervision:
             raise RuntimeError(f"{self.__class__.__name__} needs deep supervision outputs")
         super().initialize()
@@ -224,26 +213,21 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         """Further auxiliary modules by name (trained with the heads' optimiser, saved with them)."""
         return {}
 
-    def on_train_epoch_start(self):
+    def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.aux_modules.train()
         self.aux_lr_scheduler.step(self.current_epoch)
         self._term_sums = {}
-        self.gradient_meter.reset()
         self._epoch_step = 0
         self.distillation_ramp = linear_rampup(self.current_epoch, self.distillation_rampup_epochs)
-        self._clip_stats = {"ratio_sum": 0., "ratio_max": 0., "clipped": 0., "finite": 0., "scale_sum": 0.,
-                            "scale_min": 1.0}
+        self.clip_stats.reset()
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        return torch.sigmoid(logits) if self.label_manager.has_regions else torch.softmax(logits, 1)
+        return output_probabilities(logits, self.label_manager.has_regions)
 
     def _image_kd(self, outputs: List[torch.Tensor], ema_outputs: List[torch.Tensor]) -> torch.Tensor:
-        """MSE between output and EMA probabilities, weighted over levels like nnU-Net's deep supervision."""
-        weights = self.loss.weight_factors
-        return sum(w * F.mse_loss(self._probabilities(o), self._probabilities(e))
-                   for w, o, e in zip(weights, outputs, ema_outputs) if w != 0)
+        """Image-level term of one pass, weighted over levels like nnU-Net's deep supervision."""
+        return image_kd_loss(outputs, ema_outputs, self.loss.weight_factors, self.label_manager.has_regions)
 
     def _distillation_terms(self, data, stacked, modality_mask, full_out, masked_out,
                             features: Dict[str, object]) -> Dict[str, torch.Tensor]:
@@ -311,8 +295,8 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
             scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
             norms = gradient_norms(weighted, points, scale)  # before the cap: it is computed from them
             self._update_distillation_scale(norms)
-            self.gradient_meter.add({k: v if k == "supervised" else self.distillation_scale * v
-                                     for k, v in norms.items()})
+            self.gradient_shares.add({k: v if k == "supervised" else self.distillation_scale * v
+                                      for k, v in norms.items()})
         with self.step_autocast():
             # The cap scales every distillation term alike (their ratios stay the configured weights').
             loss = sum(v if k == "supervised" else self.distillation_scale * v for k, v in weighted.items())
@@ -321,7 +305,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         network_norm, _ = backward_and_step(loss + heads_only, [self.optimizer, self.aux_optimizer],
                                             [self.network, self.aux_modules], self.grad_scaler,
                                             unsynced=[self.aux_modules], max_norms=[max_norm, 12.0])
-        self._record_clip(network_norm, max_norm)
+        self.clip_stats.add(network_norm, max_norm, self.distillation_scale)
         momentum = warmed_up_momentum(self.ema_step, self.ema_momentum)
         ema_update(self.ema_network, self.network, momentum)
         self.mutual_attention.update_target(momentum)
@@ -331,44 +315,17 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
             self._term_sums[k] = self._term_sums.get(k, 0.) + v.detach().float()
         return {"loss": loss.detach().cpu().numpy()}
 
-    def _record_clip(self, norm: torch.Tensor | None, max_norm: float) -> None:
-        """Add one step's clip ratio (network gradient norm before clipping / clipping norm: the step is scaled
-        by 1 / ratio when it exceeds 1) and cap factor to the epoch's statistics, on the device (no sync).
-        Steps the grad scaler skips (non-finite norm) are left out of the ratios."""
-        stats = self._clip_stats
-        stats["scale_sum"] += self.distillation_scale
-        stats["scale_min"] = min(stats["scale_min"], self.distillation_scale)
-        if norm is None:
-            return
-        ratio = norm.detach().float() / max_norm
-        finite = torch.isfinite(ratio)
-        ratio = torch.where(finite, ratio, torch.zeros_like(ratio))
-        stats["ratio_sum"] = stats["ratio_sum"] + ratio
-        stats["ratio_max"] = torch.maximum(torch.as_tensor(stats["ratio_max"], device=ratio.device), ratio)
-        stats["clipped"] = stats["clipped"] + (ratio > 1).float()
-        stats["finite"] = stats["finite"] + finite.float()
-
-    def _clip_summary(self, steps: float) -> Dict[str, float]:
-        """This epoch's clipping statistics over all ranks: ratio mean and max, share of clipped steps, the
-        clipping norm, and the cap's factor (mean and min over the steps)."""
-        stats = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self._clip_stats.items()}
-        sums = sum_over_ranks(torch.stack([stats["ratio_sum"], stats["clipped"], stats["finite"],
-                                           stats["scale_sum"]]))
-        maxima = _max_over_ranks(torch.stack([stats["ratio_max"], -stats["scale_min"]]))
-        finite = max(float(sums[2]), 1.0)
-        return {"max_norm": self._network_max_norm(), "ratio_mean": float(sums[0]) / finite,
-                "ratio_max": float(maxima[0]), "clipped_fraction": float(sums[1]) / finite,
-                "distillation_scale_mean": float(sums[3]) / max(steps, 1.0),
-                "distillation_scale_min": -float(maxima[1])}
-
-    def on_train_epoch_end(self, train_outputs: List[dict]):
+    def on_train_epoch_end(self, train_outputs: List[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
         names = sorted(self._term_sums)
         steps = torch.tensor(float(self._epoch_step), dtype=torch.float64)
         sums = sum_over_ranks(torch.stack([self._term_sums[k].cpu().double() for k in names] + [steps]))  # all ranks
         means = {k: float(v) for k, v in zip(names, (sums[:-1] / sums[-1].clamp_min(1)).tolist())}
-        gradients = self.gradient_meter.summary()  # reduced over ranks: every rank takes part
-        clip = self._clip_summary(float(sums[-1]))  # likewise
+        clip = self.clip_stats.summary(float(sums[-1]), self._network_max_norm())  # reduced over ranks: all take part
+        gradients = self.log_distillation_epoch(  # likewise
+            gradient_measured_at=self.gradient_share_at, loss_terms=means, loss_weights=self._loss_weights(),
+            distillation_ramp=self.distillation_ramp, clip=clip, ema_updates=self.ema_step,
+            ema_momentum=warmed_up_momentum(max(self.ema_step - 1, 0), self.ema_momentum))  # the last update's
         self.print_to_log_file("MGSD loss terms (unweighted means): " +
                                ", ".join(f"{k} {np.round(v, 5)}" for k, v in means.items()))
         self.print_to_log_file(f"MGSD gradient shares at the network's {self.gradient_share_at}: " + ", ".join(
@@ -377,14 +334,6 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
             f"MGSD distillation ramp {self.distillation_ramp:.3g}, cap factor mean {clip['distillation_scale_mean']:.3g} "
             f"(min {clip['distillation_scale_min']:.3g}); clip ratio (grad norm / {clip['max_norm']:.3g}) mean "
             f"{clip['ratio_mean']:.3g}, max {clip['ratio_max']:.3g}, clipped steps {clip['clipped_fraction']:.3f}")
-        self.distillation_log.append({
-            "epoch": self.current_epoch, "gradient_share": gradients["share"], "gradient_norm": gradients["norm"],
-            "gradient_measured_at": self.gradient_share_at, "loss_terms": means,
-            "loss_weights": self._loss_weights(), "distillation_ramp": self.distillation_ramp, "clip": clip,
-            "ema_updates": self.ema_step,
-            "ema_momentum": warmed_up_momentum(max(self.ema_step - 1, 0), self.ema_momentum)})  # the last update's
-        if self.local_rank == 0:
-            atomic_write_json(self.distillation_log, os.path.join(self.output_folder, "distillation_log.json"))
 
     def _loss_weights(self) -> Dict[str, float]:
         return {"supervised": 1.0, "image": self.image_kd_weight, "feature": self.feature_kd_weight,
@@ -393,7 +342,7 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
     def checkpoint_state(self) -> dict:
         return {"ema_weights": self.ema_network.state_dict(), "aux_weights": self.aux_modules.state_dict(),
                 "aux_optimizer_state": self.aux_optimizer.state_dict(), "ema_step": self.ema_step,
-                "distillation_log": self.distillation_log}
+                **super().checkpoint_state()}  # the distillation log
 
     def load_checkpoint_state(self, state: dict) -> None:
         missing = {"ema_step", "distillation_log"} - set(state)
@@ -404,68 +353,4 @@ class nnUNetTrainerMGSD(CheckpointSectionMixin, nnUNetTrainerModalityDropout):
         self.aux_modules.load_state_dict(state["aux_weights"])
         self.aux_optimizer.load_state_dict(state["aux_optimizer_state"])
         self.ema_step = int(state["ema_step"])
-        self.distillation_log = list(state["distillation_log"])
-
-
-class nnUNetTrainerMGSD_ModalityKD(nnUNetTrainerMGSD):
-    """MGSD with the modality-level term at the reference weight (150 / 3), towards the frozen initial heads.
-
-    The earlier default: kept to measure that term (it is off in nnUNetTrainerMGSD, docs/methods.md).
-    """
-
-    modality_kd_weight = 150.0 / 3
-
-
-class nnUNetTrainerMGSD_LightModalityKD(nnUNetTrainerMGSD):
-    """MGSD with the modality-level (mutual attention) term weighted 5 instead of the reference's 50.
-
-    At the reference weight that term is several times the supervised loss in the first
-    epoch; at 5 it starts at about the supervised loss's size.
-    """
-
-    modality_kd_weight = 5.0
-
-
-class nnUNetTrainerMGSD_SymmetricModalityKD(nnUNetTrainerMGSD_ModalityKD):
-    """MGSD with the reference's symmetric modality-level term (both passes with gradient, online heads).
-
-    Its heads alone can drive the term towards 0 (tests/losses/test_modality_collapse.py); kept to compare.
-    """
-
-    modality_kd_target = "symmetric"
-
-
-class nnUNetTrainerMGSD_ImageKDBothPasses(nnUNetTrainerMGSD):
-    """MGSD with the image-level term on both passes, as in the reference (the default uses the masked one)."""
-
-    image_kd_passes = ("full", "masked")
-
-
-class nnUNetTrainerMGSD_adv(nnUNetTrainerMGSD):
-    """MGSD plus the reference script's style discriminator between full and masked outputs."""
-
-    adversarial_weight: float = 0.01
-    loss_term_names = nnUNetTrainerMGSD.loss_term_names + ("adversarial",)
-
-    def _extra_aux_modules(self, unet: nn.Module) -> Dict[str, nn.Module]:
-        conv_dim = 3 if unet.encoder.conv_op is nn.Conv3d else 2
-        self.discriminator = StyleDiscriminator(self.label_manager.num_segmentation_heads,
-                                                conv_dim=conv_dim).to(self.device)
-        return {"discriminator": self.discriminator}
-
-    def _distillation_terms(self, data, stacked, modality_mask, full_out, masked_out, features):
-        terms = super()._distillation_terms(data, stacked, modality_mask, full_out, masked_out, features)
-        full_prob, masked_prob = self._probabilities(full_out[0]), self._probabilities(masked_out[0])
-        # The discriminator learns on detached outputs; the network learns to make masked outputs look full.
-        terms["discriminator"] = discriminator_loss(self.discriminator(full_prob.detach()),
-                                                    self.discriminator(masked_prob.detach()))
-        self.discriminator.requires_grad_(False)
-        terms["adversarial"] = generator_adversarial_loss(self.discriminator(masked_prob))
-        self.discriminator.requires_grad_(True)
-        return terms
-
-    def _heads_only_loss(self, terms):
-        return super()._heads_only_loss(terms) + terms["discriminator"]
-
-    def _loss_weights(self):
-        return dict(super()._loss_weights(), adversarial=self.adversarial_weight)
+        super().load_checkpoint_state(state)  # the distillation log

@@ -18,7 +18,7 @@ class CompiledGraphLogMixin:
 
     _graphs_after_first_epoch: Optional[int] = None
 
-    def on_epoch_end(self):
+    def on_epoch_end(self) -> None:
         # The count itself says whether anything compiled: nnU-Net's _do_i_compile() would write an INFO
         # line into the log on every call when nnUNet_compile is set on a CPU.
         self._log_compiled_graphs()

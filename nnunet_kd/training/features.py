@@ -122,6 +122,6 @@ class InputChannelSelector(nn.Module):
         self.module = module
         self.register_buffer("channels", torch.as_tensor(list(channels), dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> object:  # the network's output: a tensor or a deep-supervision list
         return self.module(x.index_select(1, self.channels.to(x.device)))
 

@@ -1,16 +1,18 @@
-"""How much of a network's gradient each loss term contributes, measured at the network's outputs.
+"""How much of a network's gradient each loss term contributes, the cap that bounds the auxiliary terms'
+share, and how often the clipping acts.
 
-The gradient of a loss term with respect to the output logits only passes through the loss
-itself, so measuring it costs a few small ``autograd.grad`` calls, not extra network backwards.
+Measured at the network's outputs, the gradient of a loss term only passes through the loss itself, so
+it costs a few small ``autograd.grad`` calls (MTCM-KD); measured over the weights it costs one backward
+per term (MGSD).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from nnunet_kd.training.distributed import sum_over_ranks
+from nnunet_kd.training.distributed import max_over_ranks, sum_over_ranks
 
 
 def allow_retained_compiled_graphs() -> None:
@@ -113,3 +115,48 @@ class GradientShareMeter:
         total = float(means.sum())
         return {"norm": {n: float(m) for n, m in zip(self.names, means)},
                 "share": {n: (float(m) / total if total > 0 else 0.0) for n, m in zip(self.names, means)}}
+
+
+class ClipStatistics:
+    """One epoch's clip ratios of a network's gradient and the cap factor on its auxiliary terms.
+
+    Per step, :meth:`add` keeps the sums on the gradients' device (no host sync per step); once per epoch
+    :meth:`summary` reduces them over the ranks (every rank must call it).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.stats: Dict[str, object] = {"ratio_sum": 0., "ratio_max": 0., "clipped": 0., "finite": 0.,
+                                         "scale_sum": 0., "scale_min": 1.0}
+
+    def add(self, norm: Optional[Tensor], max_norm: float, scale: float) -> None:
+        """Add one step: the clip ratio (gradient norm before clipping / clipping norm ``max_norm``: the step
+        is scaled by 1 / ratio when it exceeds 1) and the cap factor ``scale``. ``norm`` None (no gradient)
+        or non-finite (a step the grad scaler skips) leaves the ratios alone."""
+        stats = self.stats
+        stats["scale_sum"] += scale
+        stats["scale_min"] = min(stats["scale_min"], scale)
+        if norm is None:
+            return
+        ratio = norm.detach().float() / max_norm
+        finite = torch.isfinite(ratio)
+        ratio = torch.where(finite, ratio, torch.zeros_like(ratio))
+        stats["ratio_sum"] = stats["ratio_sum"] + ratio
+        stats["ratio_max"] = torch.maximum(torch.as_tensor(stats["ratio_max"], device=ratio.device), ratio)
+        stats["clipped"] = stats["clipped"] + (ratio > 1).float()
+        stats["finite"] = stats["finite"] + finite.float()
+
+    def summary(self, steps: float, max_norm: float) -> Dict[str, float]:
+        """Over all ranks: clip ratio mean and max, share of clipped steps, the clipping norm ``max_norm``,
+        and the cap factor's mean (over ``steps``, the steps of all ranks) and min."""
+        stats = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self.stats.items()}
+        sums = sum_over_ranks(torch.stack([stats["ratio_sum"], stats["clipped"], stats["finite"],
+                                           stats["scale_sum"]]))
+        maxima = max_over_ranks(torch.stack([stats["ratio_max"], -stats["scale_min"]]))
+        finite = max(float(sums[2]), 1.0)
+        return {"max_norm": max_norm, "ratio_mean": float(sums[0]) / finite,
+                "ratio_max": float(maxima[0]), "clipped_fraction": float(sums[1]) / finite,
+                "distillation_scale_mean": float(sums[3]) / max(steps, 1.0),
+                "distillation_scale_min": -float(maxima[1])}

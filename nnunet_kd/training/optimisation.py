@@ -2,7 +2,7 @@
 one backward + step over several optimisers (with nnU-Net's grad scaler). Autocast: training/precision.py."""
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float = 1
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def sgd_with_poly_lr(parameters: Iterable[torch.nn.Parameter], trainer: Any):
+def sgd_with_poly_lr(parameters: Iterable[torch.nn.Parameter], trainer: Any) -> Tuple[torch.optim.SGD, Any]:
     """nnU-Net's optimiser and schedule (SGD, Nesterov 0.99, poly decay) for auxiliary networks."""
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 

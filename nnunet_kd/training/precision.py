@@ -128,7 +128,7 @@ class CPUAutocastMixin:
             network.register_forward_hook(_float_outputs)
             self._float_output_network = network
 
-    def on_train_start(self):
+    def on_train_start(self) -> None:
         super().on_train_start()
         self.print_to_log_file(precision_description(self.device, self.cpu_autocast_dtype))
 

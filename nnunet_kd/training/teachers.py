@@ -1,28 +1,25 @@
-"""Teachers from trained nnU-Net models: finding their checkpoints and loading them frozen."""
+"""MTCM-KD's pretrained teachers from trained nnU-Net models: which fold's checkpoint, and the network
+loaded frozen. The model folder's folds and the predictor come from inference/models.py, as for prediction."""
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from nnunet_kd.paths import ensure_trainer_lookup
+from nnunet_kd.inference.models import folds_with_checkpoint, load_predictor
 from nnunet_kd.training.features import unwrap_network
 
 
 def load_frozen_teacher(model_dir: str, fold_name: str, checkpoint_name: str, device: torch.device,
-                        configuration_manager, label_manager) -> nn.Module:
+                        configuration_manager: Any, label_manager: Any) -> nn.Module:
     """The trained network of ``model_dir/fold_<fold_name>/<checkpoint_name>``, in eval mode, without gradients.
 
     ValueError naming the model when its plan (spacing, pooling) or its outputs differ from the student's.
     """
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    ensure_trainer_lookup()  # the predictor finds the teacher's trainer class by name
-    predictor = nnUNetPredictor(device=device, perform_everything_on_device=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_dir, (fold_name,), checkpoint_name)
+    predictor = load_predictor(model_dir, (fold_name,), checkpoint_name, device, allow_tqdm=False)
     teacher_config = predictor.configuration_manager
     if (teacher_config.pool_op_kernel_sizes != configuration_manager.pool_op_kernel_sizes
             or not np.allclose(teacher_config.spacing, configuration_manager.spacing)):
@@ -43,7 +40,7 @@ def load_frozen_teacher(model_dir: str, fold_name: str, checkpoint_name: str, de
     return network.to(device)
 
 
-def check_teacher_fold(teacher_fold: str, student_fold, teacher: str) -> Optional[str]:
+def check_teacher_fold(teacher_fold: str, student_fold: Union[int, str], teacher: str) -> Optional[str]:
     """Refuse a teacher trained on another cross-validation fold than the student's; warn for ``fold_all``.
 
     A teacher of another fold trained on (some of) the student's validation cases: its validation Dice,
@@ -68,7 +65,7 @@ def check_teacher_fold(teacher_fold: str, student_fold, teacher: str) -> Optiona
                      f"its fold_all (allowed, with a warning)")
 
 
-def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
+def resolve_teacher_checkpoint(path: str, fold: Union[int, str]) -> Tuple[str, str, str]:
     """(model folder, fold folder name without 'fold_', checkpoint file name) for a teacher given as a
     checkpoint file, a fold folder or a model folder. From a model folder the student's fold is taken,
     else ``fold_all``. Raises ValueError naming the path when it is none of these, or when the teacher's
@@ -79,8 +76,7 @@ def resolve_teacher_checkpoint(path: str, fold) -> Tuple[str, str, str]:
     elif os.path.isfile(os.path.join(path, "checkpoint_final.pth")):
         fold_dir, checkpoint_name = path, "checkpoint_final.pth"
     elif os.path.isfile(os.path.join(path, "plans.json")):
-        folds = sorted(d for d in os.listdir(path) if d.startswith("fold_")
-                       and os.path.isfile(os.path.join(path, d, "checkpoint_final.pth")))
+        folds = [f"fold_{f}" for f in folds_with_checkpoint(path)]
         if not folds:
             raise ValueError(f"teacher model folder {path} has no fold_*/checkpoint_final.pth")
         usable = [d for d in (f"fold_{fold}", "fold_all") if d in folds]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_kd.brats import COHORTS
 from nnunet_kd.conversion import ConversionError, convert_brats, convert_to_brats
-from nnunet_kd.conversion.cohorts import COHORTS
 from nnunet_kd.experiments.synthetic import generate_dataset
 
 SHAPE = (20, 20, 20)

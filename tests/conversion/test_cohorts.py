@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunet_kd.losses.performance import whole_tumour_channel
-from nnunet_kd.conversion.cohorts import (COHORTS, Cohort, cohort_for, detect_cohort, parse_case_id, region_masks,
-                                          to_nnunet, to_original, year_hint)
+from nnunet_kd.brats import (COHORTS, REGIONS, Cohort, cohort_for, parse_case_id, region_masks, to_nnunet,
+                             to_original)
+from nnunet_kd.conversion.cohort_detection import detect_cohort, year_hint
+from nnunet_kd.training.performance import whole_tumour_channel
 
 KEYS = sorted(COHORTS)
 
@@ -45,7 +46,7 @@ def test_nnunet_rebuilds_labels_from_the_regions(key):
     manager = LabelManager(cohort.dataset_json_labels(), cohort.regions_class_order)
     assert manager.has_regions == cohort.uses_regions
     if cohort.uses_regions:
-        masks = region_masks(nnunet, cohort)
+        masks = region_masks(nnunet, cohort.regions)
         probabilities = np.stack([masks[name] for name in cohort.regions]).astype(np.float32)
     else:
         probabilities = np.stack([nnunet == v for v in range(len(cohort.allowed_labels))]).astype(np.float32)
@@ -161,9 +162,7 @@ def test_detection_picks_the_year_from_names_or_refuses():
 
 def test_region_masks_match_the_legacy_regions_for_adult_glioma():
     """GLI-2023 regions are the legacy (2018-2021) WT/TC/ET in nnU-Net labels."""
-    from nnunet_kd.brats import REGIONS
-
     assert dict(cohort_for("GLI", 2023).regions) == REGIONS
     seg = np.random.default_rng(2).integers(0, 4, (5, 6, 7))
-    masks = region_masks(seg, cohort_for("SSA", 2023))
+    masks = region_masks(seg, cohort_for("SSA", 2023).regions)
     np.testing.assert_array_equal(masks["TC"], np.isin(seg, (2, 3)))

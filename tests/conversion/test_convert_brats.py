@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import nnunet_kd.conversion.convert as convert_module
 from nnunet_kd.brats import RELEASE_TO_NNUNET, map_labels
 from nnunet_kd.conversion import ConversionError, convert_brats, convert_to_brats, detect_release
+from nnunet_kd.conversion.cases import run_case
 from nnunet_kd.experiments.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,11 +210,54 @@ def test_msd_parent_or_task_folder_and_wrapper_folder(tmp_path, raw):
     _check_dataset(Path(convert_brats(str(wrapped), 4, num_processes=1)), "brats2020", wrapped)
 
 
-def test_parallel_workers(tmp_path, raw):
+#: Environment variable naming the folder where _run_case_noting_worker notes ``<pid>.<case id>``.
+WORKER_MARKS = "NNUNET_KD_TEST_WORKER_MARKS"
+
+
+def _run_case_noting_worker(task, skip_incomplete):
+    """The converter's run_case, after noting ``<pid>.<case id>`` in $NNUNET_KD_TEST_WORKER_MARKS and waiting until
+    a second process has noted a case too: a case converts only while two processes convert at once, so a run in
+    one process (or one worker) fails here after 60 s instead of passing."""
+    marks = Path(os.environ[WORKER_MARKS])
+    (marks / f"{os.getpid()}.{task.case_id}").touch()
+    deadline = time.monotonic() + 60
+    while len({p.name.split(".")[0] for p in marks.iterdir()}) < 2:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {os.getpid()} waited 60 s for a second worker to convert a case")
+        time.sleep(0.01)
+    return run_case(task, skip_incomplete)
+
+
+def _assert_same_dataset(a: Path, b: Path) -> None:
+    """Two dataset folders hold the same files with the same voxels, geometry and dataset.json."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name == "dataset.json":
+            assert json.loads((a / rel).read_text()) == json.loads((b / rel).read_text())
+            continue
+        (img_a, arr_a), (img_b, arr_b) = _read(a / rel), _read(b / rel)
+        np.testing.assert_array_equal(arr_a, arr_b)
+        assert arr_a.dtype == arr_b.dtype and _same_geometry(img_a, img_b), rel
+
+
+def test_parallel_workers(tmp_path, raw, monkeypatch):
+    """-np 2: the cases convert in two worker processes at once, into the dataset a serial run writes."""
     src = tmp_path / "in"
     generate_dataset(str(src), 4, shape=SHAPE, layout="brats2023")
-    out = convert_brats(str(src), 5, num_processes=2)
-    _check_dataset(Path(out), "brats2023", src)
+    serial = Path(convert_brats(str(src), 5, num_processes=1, output_root=str(tmp_path / "serial")))
+    marks = tmp_path / "worker_marks"
+    marks.mkdir()
+    monkeypatch.setenv(WORKER_MARKS, str(marks))
+    monkeypatch.setattr(convert_module, "run_case", _run_case_noting_worker)
+    out = Path(convert_brats(str(src), 5, num_processes=2))
+    noted = [p.name.split(".", 1) for p in marks.iterdir()]
+    workers = {int(pid) for pid, _ in noted}
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert sorted(case for _, case in noted) == sorted(p.name for p in src.iterdir())
+    _check_dataset(out, "brats2023", src)
+    assert out.name == serial.name
+    _assert_same_dataset(out, serial)
 
 
 def test_validation_set_goes_to_imagesTs(tmp_path, raw):
@@ -467,7 +513,7 @@ def test_existing_dataset_needs_overwrite(tmp_path, raw):
     _assert_clean(raw, ["Dataset050_Something"])
     # a failing conversion with --overwrite leaves the old dataset alone too
     _case_file(src, 1, "seg").unlink()
-    with pytest.raises(ConversionError):
+    with pytest.raises(ConversionError, match="case BraTS2021_00001: missing segmentation"):
         convert_brats(str(src), 50, num_processes=1, overwrite=True)
     assert (old / "marker.txt").read_text() == "keep me"
     _assert_clean(raw, ["Dataset050_Something"])

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 sitk = pytest.importorskip("SimpleITK")
 
-from nnunet_kd.evaluation import evaluate as ev  # noqa: E402
+from nnunet_kd.evaluation import evaluate_cli  # noqa: E402
 from nnunet_kd.evaluation.evaluate import evaluate_case, evaluate_folders  # noqa: E402
 from nnunet_kd.evaluation.metrics import (BRATS_HD95_PENALTY, EvaluationError, mean_metrics,  # noqa: E402
                                           region_metrics)
@@ -41,7 +41,7 @@ def run_cli(*args):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-m", "nnunet_kd.evaluation.evaluate", *map(str, args)],
+        [sys.executable, "-m", "nnunet_kd.evaluation.evaluate_cli", *map(str, args)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
 
@@ -257,7 +257,7 @@ def test_mean_metrics():
     assert list(m) == REGION_NAMES
     for r in REGION_NAMES:
         assert m[r] == {"dice": 0.5, "hd95": pytest.approx(BRATS_HD95_PENALTY / 2)}
-    with pytest.raises(EvaluationError):
+    with pytest.raises(EvaluationError, match="no cases to average"):
         mean_metrics({})
 
 
@@ -415,6 +415,6 @@ def test_truncated_file_is_a_clean_error(tmp_path):
 
 def test_main_in_process_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        ev.main(["-r", str(tmp_path / "a"), "-p", str(tmp_path / "b"), "-o", str(tmp_path / "m.json")])
+        evaluate_cli.main(["-r", str(tmp_path / "a"), "-p", str(tmp_path / "b"), "-o", str(tmp_path / "m.json")])
     assert exc.value.code == 1
     assert capsys.readouterr().err.startswith("error: ")

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from nnunet_kd.brats import canonical_label_convention
 from nnunet_kd.conversion.convert import convert_brats
 from nnunet_kd.conversion.releases import ConversionError
-from nnunet_kd.evaluation import evaluate as ev
+from nnunet_kd.evaluation import evaluate_cli
 from nnunet_kd.evaluation import missing_modalities as mm
 from nnunet_kd.experiments.synthetic import generate_dataset
 
@@ -46,8 +46,8 @@ def test_evaluate_reads_the_years_as_brats2021(brats2018_folders, tmp_path, year
     scores = {}
     for labels in (year, "brats2021"):
         out = tmp_path / f"{labels}.json"
-        assert ev.main(["-r", str(ref), "-p", str(pred), "-o", str(out), "--labels", labels, "-np", "1",
-                        "--no-plots"]) == 0
+        assert evaluate_cli.main(["-r", str(ref), "-p", str(pred), "-o", str(out), "--labels", labels, "-np", "1",
+                                  "--no-plots"]) == 0
         scores[labels] = json.loads(out.read_text())["mean"]
     assert scores[year] == scores["brats2021"]
     # read as 2018-2021 labels: TC (NCR + ET) is the same 4x4x4 core in both; ET differs
@@ -58,7 +58,7 @@ def test_evaluate_reads_the_years_as_brats2021(brats2018_folders, tmp_path, year
 def test_unknown_labels_name_every_accepted_value(brats2018_folders, tmp_path, capsys):
     ref, pred = brats2018_folders
     with pytest.raises(SystemExit) as exc:
-        ev.main(["-r", str(ref), "-p", str(pred), "-o", str(tmp_path / "m.json"), "--labels", "brats2022"])
+        evaluate_cli.main(["-r", str(ref), "-p", str(pred), "-o", str(tmp_path / "m.json"), "--labels", "brats2022"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--labels" in err and "brats2022" in err

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_kd.brats import RELEASE_TO_NNUNET, map_labels
-from nnunet_kd.conversion.cohorts import cohort_for, to_original
+from nnunet_kd.brats import RELEASE_TO_NNUNET, cohort_for, map_labels, to_original
 from nnunet_kd.evaluation import lesionwise
 from nnunet_kd.evaluation.lesionwise import INSTALL_HINT, OfficialPackageMissing, lesionwise_metrics
 from nnunet_kd.evaluation.metrics import region_metrics

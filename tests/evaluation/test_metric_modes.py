@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_kd.evaluation import lesionwise
-from nnunet_kd.evaluation.evaluate import main as evaluate_main
+from nnunet_kd.evaluation.evaluate_cli import main as evaluate_main
 from nnunet_kd.evaluation.metrics import EvaluationError
 from nnunet_kd.evaluation.modes import evaluate_with_metrics
 

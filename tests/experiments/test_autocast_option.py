@@ -6,13 +6,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
-from nnunet_kd.experiments import benchmark, benchmark_report, study
-from nnunet_kd.experiments.study_design import StudyError, StudySettings
+from nnunet_kd.experiments.benchmark import cli as benchmark_cli
+from nnunet_kd.experiments.benchmark import report as benchmark_report
+from nnunet_kd.experiments.benchmark import run as benchmark_run
+from nnunet_kd.experiments.study import cli as study_cli
+from nnunet_kd.experiments.study import run as study
+from nnunet_kd.experiments.study.design import StudyError, StudySettings
 from nnunet_kd.training.precision import AUTOCAST_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,21 +53,20 @@ def test_study_resume_treats_older_work_dirs_as_fp32(fake_study, tmp_path):
 
 def test_study_command_line(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(study, "run_study", lambda workdir, splits, settings, *a: seen.append(settings))
-    assert study.main(["--autocast", "bf16", "--device", "cpu", "--workdir", str(tmp_path / "w")]) == 0
-    assert study.main(["--device", "cpu", "--workdir", str(tmp_path / "w")]) == 0
+    monkeypatch.setattr(study_cli, "run_study", lambda workdir, splits, settings, *a: seen.append(settings))
+    assert study_cli.main(["--autocast", "bf16", "--device", "cpu", "--workdir", str(tmp_path / "w")]) == 0
+    assert study_cli.main(["--device", "cpu", "--workdir", str(tmp_path / "w")]) == 0
     assert [s.autocast for s in seen] == ["bf16", "none"]
     with pytest.raises(SystemExit):
-        study._parser().parse_args(["--autocast", "fp16"])
+        study_cli._parser().parse_args(["--autocast", "fp16"])
 
 
 def test_benchmark_stock_row_gets_the_same_autocast():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert benchmark._parser().parse_args(["--toy"]).autocast == "none"
-    bf16 = SimpleNamespace(autocast="bf16")
-    assert benchmark._stock_trainer(bf16, cpu) == benchmark.STOCK_WITH_CPU_AUTOCAST
-    assert benchmark._stock_trainer(bf16, cuda) == benchmark_report.STOCK  # CUDA keeps nnU-Net's own autocast
-    assert benchmark._stock_trainer(SimpleNamespace(autocast="none"), cpu) == benchmark_report.STOCK
+    assert benchmark_cli._parser().parse_args(["--toy"]).autocast == "none"
+    assert benchmark_cli.settings_from_args(benchmark_cli._parser().parse_args(["--toy"])).autocast == "none"
+    assert benchmark_run.stock_trainer("bf16", "cpu") == benchmark_run.STOCK_WITH_CPU_AUTOCAST
+    assert benchmark_run.stock_trainer("bf16", "cuda") == benchmark_report.STOCK  # CUDA keeps nnU-Net's own autocast
+    assert benchmark_run.stock_trainer("none", "cpu") == benchmark_report.STOCK
 
 
 @pytest.mark.slow

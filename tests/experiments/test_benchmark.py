@@ -1,6 +1,8 @@
-"""nnunet_kd.experiments.benchmark: the --toy CPU run end to end (as CI runs it) and the report helpers."""
+"""nnunet_kd.experiments.benchmark: the --toy CPU run end to end (as CI runs it), the settings' processes and
+their environments, and the report helpers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,7 +10,11 @@ import sys
 
 import pytest
 
-from nnunet_kd.experiments import benchmark, benchmark_report
+from nnunet_kd.experiments.benchmark import cli as benchmark_cli
+from nnunet_kd.experiments.benchmark import report as benchmark_report
+from nnunet_kd.experiments.benchmark import run as benchmark_run
+from nnunet_kd.experiments.benchmark import worker as benchmark_worker
+from nnunet_kd.training.precision import AUTOCAST_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +55,7 @@ def test_toy_json_structure(toy_run):
     assert "--toy" in meta["command_line"]
     assert len(meta["patch_size"]) == 3 and meta["batch_size"] >= 1
 
-    assert list(result["trainers"]) == list(benchmark.DEFAULT_TRAINERS)
+    assert list(result["trainers"]) == list(benchmark_run.DEFAULT_TRAINERS)
     for name, r in result["trainers"].items():
         assert "error" not in r, f"{name}: {r.get('error')}"
         assert r["step_time_median_s"] > 0, name
@@ -176,13 +182,76 @@ def test_stock_compile_decision_is_nnunets(monkeypatch):
     import torch
 
     monkeypatch.setenv("nnUNet_compile", "1")
-    assert benchmark.stock_compiles_by_default(torch.device("cpu")) is False  # nnU-Net never compiles on CPU
-    assert benchmark.stock_compiles_by_default(torch.device("cuda", 0)) is True  # its default on CUDA
+    assert benchmark_worker.nnunet_compiles(torch.device("cpu")) is False  # nnU-Net never compiles on CPU
+    assert benchmark_worker.nnunet_compiles(torch.device("cuda", 0)) is True
     assert os.environ["nnUNet_compile"] == "1"  # the caller's setting is left as it was
+    # the defaults setting's process has no nnUNet_compile: nnU-Net's default is to compile on CUDA
+    monkeypatch.delenv("nnUNet_compile")
+    assert benchmark_worker.nnunet_compiles(torch.device("cuda", 0)) is True
+    assert benchmark_worker.nnunet_compiles(torch.device("cpu")) is False
 
 
 def test_cli_requires_a_data_source(capsys):
     with pytest.raises(SystemExit):
-        benchmark._parser().parse_args(["--steps", "2"])
+        benchmark_cli._parser().parse_args(["--steps", "2"])
     with pytest.raises(SystemExit):
-        benchmark.main(["--toy", "--steps", "0"])
+        benchmark_cli.main(["--toy", "--steps", "0"])
+
+
+def test_every_option_is_a_setting():
+    args = benchmark_cli._parser().parse_args(["--toy", "--teacher-models", "a", "b",
+                                               "--trainers", "nnUNetTrainerMGSD"])
+    settings = benchmark_cli.settings_from_args(args)
+    assert settings.toy and settings.teacher_models == ("a", "b") and settings.trainers == ("nnUNetTrainerMGSD",)
+    assert set(vars(args)) - set(dataclasses.asdict(settings)) == {"output"}  # -o is the command's, not the run's
+
+
+def _preprocessed_dataset(folder):
+    """A preprocessed-dataset folder with just the plans and dataset.json the benchmark reads itself."""
+    folder.mkdir(parents=True)
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {}, "_kw_requires_import": []}
+    plans = {"dataset_name": folder.name, "plans_name": "nnUNetPlans", "configurations": {"3d_fullres": {
+        "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [32, 32, 32], "batch_size": 2,
+        "spacing": [1.0, 1.0, 1.0], "architecture": arch}}}
+    (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    channels = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": channels}))
+
+
+def test_each_setting_runs_in_its_own_environment_and_ours_is_left_alone(tmp_path, monkeypatch):
+    _preprocessed_dataset(tmp_path / "preprocessed" / "Dataset123_X")
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    monkeypatch.setenv("nnUNet_compile", "1")
+    monkeypatch.delenv(AUTOCAST_ENV, raising=False)
+    calls = []
+
+    def fake_worker(request, env, work_dir, name):
+        calls.append((name, request, dict(env)))
+        trainers = {"nnUNetTrainer": {"step_time_median_s": 0.1}} if request.measure_trainers else {}
+        return {"facts": {"device_name": "cpu", "device_memory_gib": None, "torch_num_threads": 1,
+                          "nnUNet_n_proc_DA": 1}, "compiles": name == "defaults", "trainers": trainers, "ok": True,
+                "inference": None}
+
+    monkeypatch.setattr(benchmark_run, "_run_worker", fake_worker)
+    before = dict(os.environ)
+    work = tmp_path / "work"
+    settings = benchmark_run.BenchmarkSettings(dataset_id="123", trainers=("nnUNetTrainer",), device="cpu",
+                                               autocast="bf16", skip_inference=True, work_dir=str(work))
+    result, ok = benchmark_run.run_benchmark(settings, ["-d", "123"])
+    assert dict(os.environ) == before
+    (eager, eager_request, eager_env), (defaults, defaults_request, defaults_env) = calls
+    assert (eager, defaults) == ("eager", "defaults")
+    assert eager_env["nnUNet_compile"] == "0" and "nnUNet_compile" not in defaults_env
+    for env in (eager_env, defaults_env):
+        assert env[AUTOCAST_ENV] == "bf16"
+        assert env["nnUNet_results"] == str(work / "nnUNet_results")  # never a real results folder
+        assert env["nnUNet_preprocessed"] == str(tmp_path / "preprocessed")  # a given dataset is read in place
+        assert "nnunet_kd" in env["nnUNet_extTrainer"]
+    assert eager_request.stock_as == benchmark_run.STOCK_WITH_CPU_AUTOCAST and not eager_request.inference
+    assert defaults_request.only_if_compiled and defaults_request.measure_trainers
+    assert ok and result["meta"]["stock_compiles_by_default"] is True
+    assert result["defaults"]["measured"]
+    assert result["defaults"]["trainers"] == {"nnUNetTrainer": {"step_time_median_s": 0.1}}
+    assert result["meta"]["precision"] == "precision: bf16 autocast on the CPU (nnUNet_kd_autocast=bf16)"
+

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_kd.experiments.demo import NEXT_HEADER, NEXT_OUTPUTS
-from nnunet_kd.experiments.study_design import BASELINE
+from nnunet_kd.experiments.study.design import BASELINE
 
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 
 from nnunet_kd.experiments.datasets import planning_commands, plans_name_for
-from nnunet_kd.experiments.study_design import (BASELINE, MODELS, StudyError, real_case_folds, study_models)
+from nnunet_kd.experiments.study.collect import model_folder
+from nnunet_kd.experiments.study.design import (ALL_FOUR, BASELINE, DATASET_IDS, MODELS, StudyError, StudySettings,
+                                                real_case_folds, study_models)
+from nnunet_kd.experiments.study.run import _teacher_environment
 
 
 def _release(tmp_path, n):
@@ -51,11 +54,39 @@ def test_plans_at_a_target_spacing_go_through_nnunets_planner():
     assert preprocess[preprocess.index("-plans_name") + 1] == "nnUNetPlans_4x4x4mm"
 
 
-def test_models_include_the_reference_variants_and_keep_the_baseline():
+def test_models_and_ablations_include_the_reference_variants_and_keep_the_baseline():
     trainers = {m.trainer for m in MODELS.values()}
-    assert {"nnUNetTrainerMTCMKD", "nnUNetTrainerMTCMKD_Reference", "nnUNetTrainerMTCMKD_VoxelMeanT1",
-            "nnUNetTrainerMGSD", "nnUNetTrainerModalityDropout", "nnUNetTrainerBudget"} == trainers
+    assert {"nnUNetTrainerMTCMKD", "nnUNetTrainerMTCMKD_FrozenTeachers", "nnUNetTrainerMGSD",
+            "nnUNetTrainerModalityDropout", "nnUNetTrainerBudget"} == trainers
+    assert {"nnUNetTrainerMTCMKD_PaperWeights", "nnUNetTrainerMTCMKD_Reference",
+            "nnUNetTrainerMTCMKD_VoxelMeanT1"} <= {m.trainer for m in study_models(True).values()}
     assert {n for n, m in MODELS.items() if m.combinations} == {"MGSD fed T1ce alone",
                                                                   "modality dropout fed T1ce alone"}
     only = study_models(False, ("nnUNetTrainerMGSD_full",))
     assert list(only) == [BASELINE, "MGSD fed T1ce alone"]
+
+
+FROZEN = "MTCM-KD student, frozen four-channel teacher"
+
+
+def test_a_model_with_a_teacher_brings_it_along_and_trains_after_it():
+    names = list(MODELS)
+    assert MODELS[FROZEN].teacher == ALL_FOUR and names.index(ALL_FOUR) < names.index(FROZEN)
+    only = study_models(False, ("nnUNetTrainerMTCMKD_FrozenTeachers_full",))
+    assert list(only) == [BASELINE, ALL_FOUR, FROZEN]
+
+
+def test_teacher_environment_names_the_finished_teacher_or_refuses(tmp_path):
+    settings, plans = StudySettings(), "nnUNetPlans_4x4x4mm"
+    assert _teacher_environment(tmp_path, MODELS[BASELINE], settings, plans) == {}
+    with pytest.raises(StudyError, match="nnUNetTrainerBudget_full, which has no finished training"):
+        _teacher_environment(tmp_path, MODELS[FROZEN], settings, plans)
+    fold = (tmp_path / "results" / f"Dataset{DATASET_IDS['full']}_BraTS" / f"nnUNetTrainerBudget__{plans}__3d_fullres"
+            / "fold_all")
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_latest.pth").write_bytes(b"")
+    with pytest.raises(StudyError, match="train it first"):  # a stopped training is no teacher yet
+        _teacher_environment(tmp_path, MODELS[FROZEN], settings, plans)
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    assert model_folder(tmp_path, MODELS[ALL_FOUR], plans) == fold
+    assert _teacher_environment(tmp_path, MODELS[FROZEN], settings, plans) == {"nnUNet_kd_teachers": str(fold)}

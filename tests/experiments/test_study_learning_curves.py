@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_kd.experiments.study_design import BASELINE, DATASET_IDS, MODELS, StudyModel, StudySettings
-from nnunet_kd.experiments.study_report import (collect_report, flattening, read_learning_curve,
-                                                scores_file)
+from nnunet_kd.experiments.study.collect import flattening, read_learning_curve, scores_file
+from nnunet_kd.experiments.study.design import BASELINE, DATASET_IDS, MODELS, StudyModel, StudySettings
+from nnunet_kd.experiments.study.report import collect_report
 
 PLANS = "nnUNetPlans_4x4x4mm"
 DROPOUT = "modality dropout fed T1ce alone"

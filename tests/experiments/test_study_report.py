@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from nnunet_kd.experiments.study_design import BASELINE, DATASET_IDS, MODELS, StudySettings
-from nnunet_kd.experiments.study_report import collect_report, combinations_file, scores_file
+from nnunet_kd.experiments.study.collect import combinations_file, scores_file
+from nnunet_kd.experiments.study.design import BASELINE, DATASET_IDS, MODELS, StudySettings
+from nnunet_kd.experiments.study.report import collect_report
 
 DROPOUT = "modality dropout fed T1ce alone"
 MTCMKD = "MTCM-KD student (T1ce)"

@@ -7,13 +7,13 @@ from typing import List
 
 import pytest
 
-from nnunet_kd.experiments import study
+from nnunet_kd.experiments.study import cli, run
 
 
 @pytest.fixture
 def stop_after_workdir(stop_at):
     """Stop the study at its first step after preparing the work folder."""
-    return stop_at(study, "prepare_split")
+    return stop_at(run, "prepare_split")
 
 
 def _argv(work: Path, *extra: str) -> List[str]:
@@ -22,7 +22,7 @@ def _argv(work: Path, *extra: str) -> List[str]:
 
 def _refused(work: Path, capsys, *extra: str) -> None:
     with pytest.raises(SystemExit) as exc:
-        study.main(_argv(work, *extra))
+        cli.main(_argv(work, *extra))
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(work) in err
@@ -42,16 +42,16 @@ def test_user_folder_survives_plain_and_resume_runs(tmp_path, capsys, stop_after
 def test_study_folder_is_kept_with_resume_and_replaced_without(tmp_path, stop_after_workdir):
     work = tmp_path / "study"
     with pytest.raises(stop_after_workdir):
-        study.main(_argv(work))
-    assert sorted(p.name for p in work.iterdir()) == [study.WORKDIR_MARKER]
+        cli.main(_argv(work))
+    assert sorted(p.name for p in work.iterdir()) == [run.WORKDIR_MARKER]
     (work / "seed0").mkdir()
     (work / "seed0" / "scores.json").write_text("{}")  # what the earlier run finished
     with pytest.raises(stop_after_workdir):
-        study.main(_argv(work, "--resume"))
+        cli.main(_argv(work, "--resume"))
     assert (work / "seed0" / "scores.json").read_text() == "{}"
     with pytest.raises(stop_after_workdir):
-        study.main(_argv(work))
-    assert sorted(p.name for p in work.iterdir()) == [study.WORKDIR_MARKER]
+        cli.main(_argv(work))
+    assert sorted(p.name for p in work.iterdir()) == [run.WORKDIR_MARKER]
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -61,11 +61,11 @@ def test_new_or_empty_folder_is_taken_over_and_a_file_refused(tmp_path, capsys, 
         if work.name == "empty":
             work.mkdir()
         with pytest.raises(stop_after_workdir):
-            study.main(_argv(work, *extra))
-        assert (work / study.WORKDIR_MARKER).is_file()
+            cli.main(_argv(work, *extra))
+        assert (work / run.WORKDIR_MARKER).is_file()
     path = tmp_path / "file"
     path.write_text("x")
     with pytest.raises(SystemExit) as exc:
-        study.main(_argv(path, *extra))
+        cli.main(_argv(path, *extra))
     assert exc.value.code == 1 and "not a folder" in capsys.readouterr().err
     assert path.read_text() == "x"

@@ -217,7 +217,7 @@ def test_api_case_without_files(missing_modality_model, tmp_path):
 
 def test_zero_filling_equals_network_fed_explicit_zeros(missing_modality_model, two_cases):
     """Preprocessing only T1ce + FLAIR gives exactly the full case with T1, T2 zeroed; so do the logits."""
-    from nnunet_kd.losses.modality_mask import apply_modality_mask
+    from nnunet_kd.training.modality_mask import apply_modality_mask
 
     predictor = load_predictor(missing_modality_model.model_folder, ["all"], device="cpu", use_mirroring=False,
                                allow_tqdm=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_kd.losses.mgsd import linear_rampup
+from nnunet_kd.training.schedules import linear_rampup
 from nnunet_kd.training.gradient_shares import GradientShareMeter, auxiliary_scale, clip_threshold, gradient_norms
 from nnunet_kd.training.optimisation import backward_and_step, clip_gradients
 
@@ -15,7 +15,7 @@ def test_linear_rampup_known_values():
     assert [linear_rampup(e, 10) for e in (0, 1, 5, 9, 10, 11, 1000)] == [0.0, 0.1, 0.5, 0.9, 1.0, 1.0, 1.0]
     assert linear_rampup(0, 0) == 1.0 and linear_rampup(3, 0) == 1.0  # no ramp
     assert linear_rampup(1, 4) == 0.25
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be >= 0, got -1 and 10"):
         linear_rampup(-1, 10)
 
 
@@ -30,7 +30,7 @@ def test_auxiliary_scale_known_values():
     assert auxiliary_scale(0.0, 2.0, 0.3) == 0.0
     assert clip_threshold(12.0, 0.3) == pytest.approx(12.0 / 0.7)
     assert clip_threshold(12.0, 0.0) == 12.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_share must be in \[0, 1\), got 1.0"):
         auxiliary_scale(1.0, 1.0, 1.0)
 
 
@@ -40,7 +40,7 @@ def test_meter_add_matches_update():
     meter.add({"supervised": 1.0})
     summary = meter.summary()
     assert summary["norm"] == {"supervised": 2.0, "image": 0.5} and summary["share"]["image"] == pytest.approx(0.2)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unknown loss terms \\['feature'\\]"):
         meter.add({"feature": 1.0})
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunet_kd.losses.mgsd import MutualAwareAttention, apply_modality_mask, sample_modality_masks, warmed_up_momentum
+from nnunet_kd.losses import MutualAwareAttention
+from nnunet_kd.training.ema import warmed_up_momentum
+from nnunet_kd.training.modality_mask import apply_modality_mask, sample_modality_masks
 
 BATCH, BOTTLENECK_CHANNELS, MODALITIES, STEPS = 4, 8, 4, 200
 

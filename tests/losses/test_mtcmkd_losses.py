@@ -10,11 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nnunet_kd.losses.cdsfl import CDSFL, CDSFLFusion, ChannelGate
-from nnunet_kd.losses.kd import response_kd_loss
-from nnunet_kd.losses.mtcmkd_student import ResponseKD
-from nnunet_kd.losses.performance import (PerformanceTracker, performance_weights,
-                                          whole_tumour_stats)
+from nnunet_kd.losses import CDSFL, CDSFLFusion, ChannelGate, ResponseKD, response_kd_loss
+from nnunet_kd.training.performance import PerformanceTracker, performance_weights, whole_tumour_stats
 
 SHAPES = [(2, 3, 5, 6), (2, 3, 4, 5, 6)]  # 2-D and 3-D
 
@@ -122,7 +119,7 @@ def test_kd_saturated_logits_finite():
 
 
 def test_kd_shape_mismatch_raises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="student and teacher logits must have the same shape"):
         response_kd_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, 2), 1.0, True)
 
 
@@ -195,7 +192,7 @@ def test_tracker_state_dict_roundtrip():
     tr2 = PerformanceTracker(3)
     tr2.load_state_dict(sd)
     assert torch.equal(tr2.stats, torch.tensor([[0, 0, 0], [0, 0, 0], [3, 1, 0]], dtype=torch.float64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="state has 3 teachers, tracker has 2"):
         PerformanceTracker(2).load_state_dict(sd)
 
 
@@ -289,7 +286,7 @@ def test_cdsfl_multi_level():
     assert set(out) == {1, 2}
     assert out[1].shape == (1, 4, 8, 8, 8)
     assert out[2].shape == (1, 4, 4, 4, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"CDSFL needs features for level\(s\) \[2\], got levels \[1\]"):
         model({1: feats[1]})
 
 
@@ -315,7 +312,7 @@ def test_cdsfl_wrong_number_of_features():
 
 def test_whole_tumour_channel_beside_a_resection_cavity():
     """WT is the region with the most labels wherever it stands; RC (one label) never wins."""
-    from nnunet_kd.losses.performance import whole_tumour_channel
+    from nnunet_kd.training.performance import whole_tumour_channel
 
     assert whole_tumour_channel([(1, 2, 3), (2, 3), (3,), (4,)]) == 0  # BraTS 2024+ GLI with RC
     assert whole_tumour_channel([(4,), (3,), (2, 3), (1, 2, 3, 4)]) == 3

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nnunet_kd.losses.cdsfl import CDSFL, cdsfl_seg_loss, fuse_with_detached_copy
-from nnunet_kd.losses.kd import one_vs_rest_kl_from_logits, response_kd_loss
-from nnunet_kd.losses.mtcmkd_student import ResponseKD, kd_rampup, student_loss_terms
-from nnunet_kd.losses.performance import RegionPerformance, dice_from_stats, ema_update, region_kd_weights
+from nnunet_kd.losses import (CDSFL, ResponseKD, cdsfl_seg_loss, fuse_with_detached_copy, one_vs_rest_kl_from_logits,
+                              response_kd_loss, student_loss_terms)
+from nnunet_kd.training.performance import RegionPerformance, dice_from_stats, moving_average, region_kd_weights
+from nnunet_kd.training.schedules import kd_rampup
 
 NAN = float("nan")
 
@@ -61,9 +61,9 @@ def test_dice_from_stats_and_moving_average():
     d = dice_from_stats(stats)
     assert d[0].item() == pytest.approx(8 / 10) and d[2].item() == pytest.approx(1.0)
     assert math.isnan(d[1].item())  # 2tp + fp + fn = 0: nothing to measure
-    first = ema_update(None, torch.tensor([0.5, NAN, 0.2]))
+    first = moving_average(None, torch.tensor([0.5, NAN, 0.2]))
     assert torch.equal(torch.isnan(first), torch.tensor([False, True, False]))
-    second = ema_update(first, torch.tensor([1.0, 0.6, NAN]), momentum=0.9)
+    second = moving_average(first, torch.tensor([1.0, 0.6, NAN]), momentum=0.9)
     assert second.tolist() == pytest.approx([0.9 * 0.5 + 0.1 * 1.0, 0.6, 0.2])
 
 

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from nnunet_kd.experiments.kd_gradient_shares import measure, nnunet_region_loss
-from nnunet_kd.losses.mtcmkd_student import STUDENT_TERMS, ResponseKD, student_loss_terms
-from nnunet_kd.trainers.nnUNetTrainerMTCMKD import (nnUNetTrainerMTCMKD, nnUNetTrainerMTCMKD_KDFromStart,
-                                                    nnUNetTrainerMTCMKD_PaperWeights, nnUNetTrainerMTCMKD_Reference,
-                                                    nnUNetTrainerMTCMKD_StrongKD, nnUNetTrainerMTCMKD_VoxelMeanT1)
+from nnunet_kd.losses import STUDENT_TERMS, ResponseKD, student_loss_terms
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants import (nnUNetTrainerMTCMKD_KDFromStart,
+                                                             nnUNetTrainerMTCMKD_PaperWeights,
+                                                             nnUNetTrainerMTCMKD_Reference,
+                                                             nnUNetTrainerMTCMKD_StrongKD,
+                                                             nnUNetTrainerMTCMKD_VoxelMeanT1)
 
 #: Band of the response-KD share of the student's gradient at its logits that the default is chosen for
 #: (docs/methods.md, "KD defaults"), at the issue's logit gap of 3.

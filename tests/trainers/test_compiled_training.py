@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import os
+import pkgutil
 import re
 import shutil
 from pathlib import Path
@@ -23,7 +24,6 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 pytestmark = pytest.mark.slow
 
-TRAINER_MODULES = ("nnUNetTrainerBudget", "nnUNetTrainerMTCMKD", "nnUNetTrainerMGSD")
 EPOCHS, ITERATIONS = 2, 3
 
 FORCE_COMPILE = '''
@@ -39,9 +39,11 @@ if _backend:
 
 def shipped_trainers() -> list[str]:
     """Every nnU-Net trainer class defined in nnunet_kd/trainers/ (new variants are picked up here)."""
+    import nnunet_kd.trainers
+
     names = []
-    for module_name in TRAINER_MODULES:
-        module = importlib.import_module(f"nnunet_kd.trainers.{module_name}")
+    for module_info in pkgutil.iter_modules(nnunet_kd.trainers.__path__):
+        module = importlib.import_module(f"nnunet_kd.trainers.{module_info.name}")
         names += [name for name, cls in inspect.getmembers(module, inspect.isclass)
                   if issubclass(cls, nnUNetTrainer) and cls.__module__ == module.__name__]
     return sorted(names)
@@ -53,7 +55,7 @@ def _cxx_compiler() -> str | None:
 
 @pytest.fixture(scope="module")
 def compile_setup(brats_dataset, small_plans, nnunet_env, tmp_path_factory) -> dict:
-    from nnunet_kd.experiments.benchmark_measure import make_frozen_teachers
+    from nnunet_kd.experiments.benchmark.measure import make_frozen_teachers
 
     root = tmp_path_factory.mktemp("compiled")
     teachers, _ = make_frozen_teachers(str(root), small_plans["plans"], brats_dataset["dataset_json"], "3d_fullres",

@@ -15,7 +15,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_kd.trainers.nnUNetTrainerBudget import nnUNetTrainerBudget
 from nnunet_kd.trainers.nnUNetTrainerMGSD import nnUNetTrainerMGSD, nnUNetTrainerModalityDropout
-from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD, nnUNetTrainerMTCMKD_MultimodalTeacher
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants import nnUNetTrainerMTCMKD_MultimodalTeacher
 from nnunet_kd.training.features import unwrap_network
 from nnunet_kd.training.precision import AUTOCAST_ENV
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import socket
 import traceback
@@ -33,11 +32,11 @@ from nnunet_kd.training.features import unwrap_network
 #: trainer class name -> module. Epochs 0 and 1: MTCM-KD's KD starts in epoch 1.
 TRAINERS = {
     "nnUNetTrainerMTCMKD": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
-    "nnUNetTrainerMTCMKD_FrozenTeachers": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
-    "nnUNetTrainerMTCMKD_MultimodalTeacher": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",
-    "nnUNetTrainerMTCMKD_PaperWeights": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",  # training-Dice tracker
-    "nnUNetTrainerMTCMKD_AllLevels": "nnunet_kd.trainers.nnUNetTrainerMTCMKD",  # CDSFL on several levels
-    "nnUNetTrainerMGSD_adv": "nnunet_kd.trainers.nnUNetTrainerMGSD",  # discriminator among the heads
+    "nnUNetTrainerMTCMKD_FrozenTeachers": "nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants",
+    "nnUNetTrainerMTCMKD_MultimodalTeacher": "nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants",
+    "nnUNetTrainerMTCMKD_PaperWeights": "nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants",  # training-Dice tracker
+    "nnUNetTrainerMTCMKD_AllLevels": "nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants",  # CDSFL on several levels
+    "nnUNetTrainerMGSD_adv": "nnunet_kd.trainers.nnUNetTrainerMGSD_variants",  # discriminator among the heads
     "nnUNetTrainerMGSD": "nnunet_kd.trainers.nnUNetTrainerMGSD",
     "nnUNetTrainerModalityDropout": "nnunet_kd.trainers.nnUNetTrainerMGSD",
 }
@@ -123,7 +122,7 @@ def _train(rank: int, trainer_name: str, mode: str, setup: dict) -> dict:
         trainer.on_validation_epoch_end([trainer.validation_step(setup["batches"][rank][0][0])])
         trainer.on_epoch_end()
     after = _digests(_modules(trainer))
-    history = getattr(trainer, "kd_history", None) or getattr(trainer, "distillation_log", None)
+    history = getattr(trainer, "distillation_log", None)  # the KD trainers; none for modality dropout
     return {"before": before, "after": after, "losses": losses, "last_history": history[-1] if history else None}
 
 
@@ -145,7 +144,7 @@ def _worker(rank: int, port: int, trainer_name: str, mode: str, setup: dict, res
 def ddp_setup(brats_dataset, small_plans, tmp_path_factory, load_trainer, synthetic_batch) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_kd.experiments.benchmark_measure import make_frozen_teachers
+    from nnunet_kd.experiments.benchmark.measure import make_frozen_teachers
 
     root = tmp_path_factory.mktemp("ddp")
     teachers, _ = make_frozen_teachers(str(root), small_plans["plans"], brats_dataset["dataset_json"], "3d_fullres",

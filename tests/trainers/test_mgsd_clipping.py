@@ -15,8 +15,8 @@ def _one_step(trainer, batch, state, weight: float):
     trainer.on_train_epoch_start()
     torch.manual_seed(0)  # same masks
     trainer.train_step(batch)
-    supervised_norm = float(trainer.gradient_meter._sums[0])  # measured on the epoch's first step
-    return float(trainer._clip_stats["ratio_sum"]), supervised_norm, trainer.distillation_scale
+    supervised_norm = float(trainer.gradient_shares._sums[0])  # measured on the epoch's first step
+    return float(trainer.clip_stats.stats["ratio_sum"]), supervised_norm, trainer.distillation_scale
 
 
 @pytest.mark.parametrize("weight", [1e3, 1e5])

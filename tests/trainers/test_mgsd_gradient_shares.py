@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from nnunet_kd.trainers.nnUNetTrainerMGSD import nnUNetTrainerMGSD, nnUNetTrainerMGSD_adv
+from nnunet_kd.trainers.nnUNetTrainerMGSD import nnUNetTrainerMGSD
+from nnunet_kd.trainers.nnUNetTrainerMGSD_variants import nnUNetTrainerMGSD_adv
+from nnunet_kd.training.distillation_log import DISTILLATION_LOG
 
 
 @pytest.mark.parametrize("cls, share_at", [(nnUNetTrainerMGSD, "parameters"), (nnUNetTrainerMGSD_adv, "bottleneck")])
@@ -18,13 +20,14 @@ def test_shares_measured_logged_and_written(brats_dataset, load_trainer, synthet
     monkeypatch.setattr(cls, "gradient_share_at", share_at)
     monkeypatch.setattr(cls, "distillation_rampup_epochs", 0)  # full weights from epoch 0
     trainer = load_trainer(brats_dataset, cls)
-    log_path = os.path.join(trainer.output_folder, "distillation_log.json")
+    log_path = os.path.join(trainer.output_folder, DISTILLATION_LOG)
     if os.path.exists(log_path):
         os.remove(log_path)
     trainer.on_train_epoch_start()
     outputs = [trainer.train_step(synthetic_batch(trainer, seed=s)) for s in range(3)]
-    assert trainer.gradient_meter._count == 2  # steps 0 and 2 of the epoch
+    assert trainer.gradient_shares._count == 2  # steps 0 and 2 of the epoch
     trainer.on_train_epoch_end(outputs)
+    trainer.write_distillation_log()  # what on_epoch_end does first
     history = json.loads(open(log_path).read())
     assert [entry["epoch"] for entry in history] == [trainer.current_epoch]
     entry = history[0]
@@ -73,10 +76,10 @@ def test_measuring_does_not_change_the_step(brats_dataset, load_trainer, synthet
     for measured in (True, False):
         _restore(trainer, before)
         trainer.ema_step, trainer._epoch_step = 1, 0 if measured else 1
-        trainer.gradient_meter.reset()
+        trainer.gradient_shares.reset()
         torch.manual_seed(123)  # same modality masks
         loss = trainer.train_step(batch)["loss"]
-        assert trainer.gradient_meter._count == int(measured)
+        assert trainer.gradient_shares._count == int(measured)
         results.append((loss, _state(trainer)))
     (loss_a, a), (loss_b, b) = results
     assert loss_a == loss_b

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import nnunet_kd.trainers.nnUNetTrainerMGSD as mgsd_module
-from nnunet_kd.losses.ema import warmed_up_momentum
+from nnunet_kd.losses import image_kd_loss
 from nnunet_kd.training.budget import budget_environment
+from nnunet_kd.training.ema import warmed_up_momentum
 from nnunet_kd.training.features import unwrap_network
-from nnunet_kd.trainers.nnUNetTrainerMGSD import (nnUNetTrainerMGSD, nnUNetTrainerMGSD_adv,
-                                                  nnUNetTrainerMGSD_ImageKDBothPasses, nnUNetTrainerMGSD_LightModalityKD,
-                                                  nnUNetTrainerMGSD_ModalityKD, nnUNetTrainerMGSD_SymmetricModalityKD,
-                                                  nnUNetTrainerModalityDropout)
+from nnunet_kd.trainers.nnUNetTrainerMGSD import nnUNetTrainerMGSD, nnUNetTrainerModalityDropout
+from nnunet_kd.trainers.nnUNetTrainerMGSD_variants import (nnUNetTrainerMGSD_adv, nnUNetTrainerMGSD_ImageKDBothPasses,
+                                                           nnUNetTrainerMGSD_LightModalityKD,
+                                                           nnUNetTrainerMGSD_ModalityKD)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,12 @@ def test_stacked_forward_equals_two_passes(trainer, synthetic_batch):
         full, masked = trainer._split(net(stacked))
         assert torch.allclose(full[0], net(data)[0], atol=1e-4)
         assert torch.allclose(masked[0], net(stacked[2:])[0], atol=1e-4)
+    # both passes give every deep-supervision level, shaped like the targets of that level
+    targets = synthetic_batch(trainer)["target"]
+    assert len(full) == len(masked) == len(targets)
+    for f, m, t in zip(full, masked, targets):
+        assert f.shape == m.shape == (2, trainer.label_manager.num_segmentation_heads, *t.shape[2:])
+    assert not torch.allclose(full[0], masked[0])  # the masked pass saw less
 
 
 def test_train_step_updates_ema_by_its_formula(trainer, synthetic_batch):
@@ -51,20 +58,25 @@ def test_train_step_updates_ema_by_its_formula(trainer, synthetic_batch):
     ema_before = {k: v.clone() for k, v in trainer.ema_network.state_dict().items()}
     m = warmed_up_momentum(trainer.ema_step, trainer.ema_momentum)
     assert 0 < m < trainer.ema_momentum
+    student_before = {k: v.detach().clone() for k, v in net.named_parameters()}
     out = trainer.train_step(synthetic_batch(trainer, seed=1))
     assert np.isfinite(out["loss"])
     for name, p in net.named_parameters():
         expected = ema_before[name] * m + p.detach() * (1 - m)
         assert torch.allclose(trainer.ema_network.state_dict()[name], expected, atol=1e-7), name
     assert set(trainer._term_sums) >= {"supervised", "image", "feature", "modality"}
+    # the step moved the student, and the teacher followed only part of the way: it is a different network
+    assert any(not torch.equal(student_before[k], p) for k, p in net.named_parameters())
+    ema = trainer.ema_network.state_dict()
+    assert any(not torch.allclose(ema[k], p.detach()) for k, p in net.named_parameters())
+    assert all(not p.requires_grad for p in trainer.ema_network.parameters())
 
 
 def test_defaults_of_issue_22():
     """The modality-level term is off by default (a logged probe) and kept in variants; the image-level term
     acts on the masked pass; the distillation weights ramp up over 10 epochs, capped at a 0.3 share."""
     assert nnUNetTrainerMGSD.modality_kd_weight == 0
-    assert nnUNetTrainerMGSD_ModalityKD.modality_kd_weight == nnUNetTrainerMGSD_SymmetricModalityKD.modality_kd_weight \
-        == 50.0
+    assert nnUNetTrainerMGSD_ModalityKD.modality_kd_weight == 50.0
     assert nnUNetTrainerMGSD_ModalityKD.modality_kd_target == "fixed"
     assert nnUNetTrainerMGSD.image_kd_passes == ("masked",)
     assert nnUNetTrainerMGSD_ImageKDBothPasses.image_kd_passes == ("full", "masked")
@@ -112,9 +124,9 @@ def test_image_kd_passes(trainer, synthetic_batch, monkeypatch, passes):
         full_out, masked_out = trainer._split(trainer.network(stacked))
         image = trainer._distillation_terms(data, stacked, mask, full_out, masked_out, trainer.tap.take())["image"]
         ema_out, _ = trainer._ema_forward(data)
-        expected = trainer._image_kd(masked_out, ema_out)
+        expected = image_kd_loss(masked_out, ema_out, trainer.loss.weight_factors, use_regions=True)
         if "full" in passes:
-            expected = expected + trainer._image_kd(full_out, ema_out)
+            expected = expected + image_kd_loss(full_out, ema_out, trainer.loss.weight_factors, use_regions=True)
     assert torch.allclose(image, expected, rtol=1e-5)
 
 
@@ -144,9 +156,36 @@ def test_loss_finite_with_one_modality(trainer, monkeypatch, synthetic_batch):
         mask[:, 1] = True
         return mask
 
+    seen = []
+    network_forward = trainer.network.forward
     monkeypatch.setattr(mgsd_module, "sample_modality_masks", one_modality)
-    out = trainer.train_step(synthetic_batch(trainer, seed=3))
+    monkeypatch.setattr(trainer.network, "forward", lambda x: seen.append(x.detach().clone()) or network_forward(x))
+    batch = synthetic_batch(trainer, seed=3)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.on_train_epoch_start()
+    out = trainer.train_step(batch)
     assert np.isfinite(out["loss"])
+    # the network saw the full batch and, stacked after it, the batch with every modality but T1ce zeroed
+    (stacked,) = seen
+    data, kept = batch["data"], trainer.modality_channels[1]
+    assert torch.equal(stacked[:2], data) and torch.equal(stacked[2:, kept], data[:, kept])
+    assert all((stacked[2:, c] == 0).all() for c in trainer.modality_channels if c != kept)
+    assert all(np.isfinite(float(v)) for v in trainer._term_sums.values())
+    assert float(trainer._term_sums["supervised"]) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_repeated_steps_on_one_batch_lower_the_supervised_loss(brats_dataset, load_trainer, synthetic_batch):
+    """Learning, not just finite numbers: a few steps on one batch (same masks each time) fit it better."""
+    t = load_trainer(brats_dataset, nnUNetTrainerMGSD)
+    t.on_train_epoch_start()
+    batch = synthetic_batch(t, seed=7)
+    supervised = []
+    for _ in range(4):
+        torch.manual_seed(0)  # the same modality masks in every step
+        t.train_step(batch)
+        supervised.append(float(t._term_sums["supervised"]) - sum(supervised))  # this step's term
+    assert supervised[-1] < supervised[0], supervised
 
 
 def test_feature_levels_follow_the_plan(trainer):
@@ -160,10 +199,16 @@ def test_variants_train(brats_dataset, cls, load_trainer, synthetic_batch):
     t = load_trainer(brats_dataset, cls)
     t.on_train_epoch_start()
     before = [p.detach().clone() for p in t.network.parameters()]
+    heads_before = [p.detach().clone() for p in getattr(t, "discriminator", t.network).parameters()]
     assert np.isfinite(t.train_step(synthetic_batch(t))["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, t.network.parameters()))
     if cls is nnUNetTrainerMGSD_adv:
         assert {"discriminator", "adversarial"} <= set(t._term_sums)
+        assert float(t._term_sums["discriminator"]) > 0 and float(t._term_sums["adversarial"]) > 0
+        # the discriminator learns from its own loss (it is not part of the network)
+        assert any(not torch.equal(a, b) for a, b in zip(heads_before, t.discriminator.parameters()))
+    else:  # the baseline has no teacher and no distillation terms
+        assert not hasattr(t, "ema_network") and not hasattr(t, "distillation_log")
 
 
 def test_train_and_resume_through_nnunetv2_train(mgsd_model, brats_dataset, bin_path, dataset_id, run_cmd):

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from nnunet_kd.losses.mtcmkd_student import STUDENT_TERMS
-from nnunet_kd.trainers.nnUNetTrainerMTCMKD import DISTILLATION_LOG, nnUNetTrainerMTCMKD
+from nnunet_kd.losses import STUDENT_TERMS
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
+from nnunet_kd.training.distillation_log import DISTILLATION_LOG
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def _run_epoch(trainer, epoch, batches):
     trainer.current_epoch = epoch
     trainer.on_train_epoch_start()
     trainer.on_train_epoch_end([trainer.train_step(b) for b in batches])
-    return trainer.kd_history[-1]
+    return trainer.distillation_log[-1]
 
 
 def test_before_kd_starts_the_whole_gradient_is_supervised(trainer, synthetic_batch):

@@ -48,7 +48,7 @@ def test_checkpoint_holds_student_teachers_and_kd_state(mtcmkd_model):
     state = checkpoint["kd_state"]
     assert len(state["teacher_weights"]) == 3 and state["cdsfl_weights"]
     assert state["teacher_optimizer_state"]["state"]
-    assert [h["epoch"] for h in state["kd_history"]] == [0, 1]
+    assert [h["epoch"] for h in state["distillation_log"]] == [0, 1]
     # per teacher and region, within [0, kd_total_weight / teachers]; CDSFL factors within [0, 1]
     weights = state["kd_region_weights"]
     assert weights.shape == (3, 3) and (weights >= 0).all()
@@ -56,8 +56,8 @@ def test_checkpoint_holds_student_teachers_and_kd_state(mtcmkd_model):
     assert state["cdsfl_region_weights"].shape == (1, 3) and (state["cdsfl_region_weights"] <= 1).all()
     ema = state["region_performance"]["ema"]
     assert set(ema) == {"student", "teacher0", "teacher1", "teacher2", "cdsfl1"}
-    assert all(h["ema_val_dice"] and h["next_kd_weights"] for h in state["kd_history"])
-    assert state["kd_history"][0]["kd_weights"] is None  # epoch 0: KD not started
+    assert all(h["ema_val_dice"] and h["next_kd_weights"] for h in state["distillation_log"])
+    assert state["distillation_log"][0]["kd_weights"] is None  # epoch 0: KD not started
     assert (mtcmkd_model / f"fold_{FOLD}" / "validation" / "summary.json").is_file()
 
 
@@ -78,9 +78,9 @@ def test_resume_continues_with_saved_weights(mtcmkd_model, brats_dataset, bin_pa
         assert used[name] == pytest.approx((0.2 * saved_weights[i]).tolist(), abs=1e-4)
     after = torch.load(mtcmkd_model / f"fold_{FOLD}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert after["current_epoch"] == 3
-    assert [h["epoch"] for h in after["kd_state"]["kd_history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in after["kd_state"]["distillation_log"]] == [0, 1, 2]
     # the moving averages went on from the saved ones: EMA = 0.9 x saved + 0.1 x epoch 2's Dice
-    epoch2 = after["kd_state"]["kd_history"][-1]["val_pseudo_dice"]["student"]
+    epoch2 = after["kd_state"]["distillation_log"][-1]["val_pseudo_dice"]["student"]
     for r, (old, new) in enumerate(zip(saved_ema["student"].tolist(), after["kd_state"]["region_performance"]["ema"]
                                        ["student"].tolist())):
         if epoch2[r] is not None and not np.isnan(old):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD_FrozenTeachers
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants import nnUNetTrainerMTCMKD_FrozenTeachers
 from nnunet_kd.training.teachers import check_teacher_fold, resolve_teacher_checkpoint
 
 

@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_kd.losses.cdsfl import cdsfl_seg_loss
-from nnunet_kd.losses.performance import RegionPerformance
+from nnunet_kd.losses import cdsfl_seg_loss
 from nnunet_kd.training.features import unwrap_network
-from nnunet_kd.trainers.nnUNetTrainerMTCMKD import (nnUNetTrainerMTCMKD, nnUNetTrainerMTCMKD_AllLevels,
-                                                    nnUNetTrainerMTCMKD_FrozenTeachers, nnUNetTrainerMTCMKD_KDFromStart,
-                                                    nnUNetTrainerMTCMKD_MultimodalTeacher,
-                                                    nnUNetTrainerMTCMKD_PaperWeights, nnUNetTrainerMTCMKD_StrongKD,
-                                                    nnUNetTrainerMTCMKD_T1, nnUNetTrainerMTCMKD_VoxelMeanT1)
+from nnunet_kd.training.performance import RegionPerformance
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
+from nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants import (nnUNetTrainerMTCMKD_AllLevels,
+                                                             nnUNetTrainerMTCMKD_FrozenTeachers,
+                                                             nnUNetTrainerMTCMKD_KDFromStart,
+                                                             nnUNetTrainerMTCMKD_MultimodalTeacher,
+                                                             nnUNetTrainerMTCMKD_PaperWeights,
+                                                             nnUNetTrainerMTCMKD_StrongKD, nnUNetTrainerMTCMKD_T1,
+                                                             nnUNetTrainerMTCMKD_VoxelMeanT1)
 
 
 def first_conv_in_channels(network) -> int:
@@ -64,7 +67,8 @@ def _losses(trainer, batch, epoch):
     outputs, fused, from_detached = trainer._teacher_forward(data, detached_fusion=True)
     teacher_loss = trainer._teacher_loss(outputs, fused, target, from_detached)
     student_out = trainer.network(data[:, trainer.student_channels])
-    return outputs, fused, teacher_loss, student_out, trainer._student_loss(student_out, outputs, fused, target)
+    student_loss = sum(trainer._student_terms(student_out, outputs, fused, target).values())
+    return outputs, fused, teacher_loss, student_out, student_loss
 
 
 def _reference_terms(trainer, batch, outputs, fused, student_out) -> dict:
@@ -225,8 +229,8 @@ def test_train_step_updates_all_networks_and_tracks_teacher_dice(trainer, synthe
         assert any(not torch.equal(a, b.detach()) for a, b in zip(params, after[name].parameters())), name
     assert trainer.performance_tracker.stats.sum() > 0
     trainer.on_train_epoch_end([out])
-    assert trainer.kd_history[-1]["next_kd_weights"] == trainer._kd_weight_record(ramp=1.0)
-    assert set(trainer.kd_history[-1]["next_kd_weights"]) == {"T1", "T2", "FLAIR", "cdsfl1"}
+    assert trainer.distillation_log[-1]["next_kd_weights"] == trainer._kd_weight_record(ramp=1.0)
+    assert set(trainer.distillation_log[-1]["next_kd_weights"]) == {"T1", "T2", "FLAIR", "cdsfl1"}
 
 
 def test_validation_reports_student_teachers_and_cdsfl(trainer, synthetic_batch):

@@ -3,7 +3,9 @@ rename, and ``--c`` on a 0-byte, truncated or section-less checkpoint continues 
 with a warning in the training log."""
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 
 import pytest
 import torch
@@ -86,7 +88,37 @@ def test_a_failed_write_leaves_the_previous_checkpoint(trainer_with_checkpoints,
     state = trainer.checkpoint_state()
     monkeypatch.setattr(trainer, "checkpoint_state", lambda: {**state, "broken": lambda: None})
     trainer.current_epoch = 9
-    with pytest.raises(Exception):
+    # Python 3.11 raises AttributeError for a local object, later versions PicklingError
+    with pytest.raises((AttributeError, pickle.PicklingError), match="Can't pickle local object"):
         trainer.save_checkpoint(str(target))
     assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]
     assert torch.load(str(target), weights_only=False)["current_epoch"] == 5
+
+
+def test_the_distillation_log_is_saved_and_restored(trainer_with_checkpoints):
+    """``--c`` restores the per-epoch log; MTCM-KD checkpoints written before both trainers shared the log
+    (distillation_log.py) kept it under "kd_history", which is still read."""
+    trainer, _, section = trainer_with_checkpoints
+    log = [{"epoch": 0, "gradient_share": {"supervised": 1.0}}, {"epoch": 1, "gradient_share": {"supervised": 0.9}}]
+    saved = trainer.distillation_log
+    try:
+        trainer.distillation_log = copy.deepcopy(log)
+        state = copy.deepcopy(trainer.checkpoint_state())
+        assert state["distillation_log"] == log and "kd_history" not in state
+        trainer.distillation_log = []
+        trainer.load_checkpoint_state(copy.deepcopy(state))
+        assert trainer.distillation_log == log
+        if section == "kd_state":
+            old = {("kd_history" if k == "distillation_log" else k): v for k, v in state.items()}
+            trainer.distillation_log = []
+            trainer.load_checkpoint_state(copy.deepcopy(old))
+            assert trainer.distillation_log == log
+            del old["kd_history"]
+            with pytest.raises(RuntimeError, match="'kd_state' section has no distillation log"):
+                trainer.load_checkpoint_state(old)
+        else:
+            del state["distillation_log"]
+            with pytest.raises(RuntimeError, match=r"MGSD section lacks \['distillation_log'\]"):
+                trainer.load_checkpoint_state(state)
+    finally:
+        trainer.distillation_log = saved

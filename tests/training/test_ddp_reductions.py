@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from nnunet_kd.losses.ema import ema_update
+from nnunet_kd.training.ema import ema_update
 from nnunet_kd.training.distributed import average_gradients, broadcast_module
 
 

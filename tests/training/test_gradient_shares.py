@@ -1,8 +1,9 @@
-"""Gradient shares at the outputs: known values, no gradient leaks into the outputs, averaging."""
+"""Gradient shares at the outputs: known values, no gradient leaks into the outputs, averaging; the epoch's
+clipping statistics."""
 import pytest
 import torch
 
-from nnunet_kd.training.gradient_shares import GradientShareMeter, gradient_norms
+from nnunet_kd.training.gradient_shares import ClipStatistics, GradientShareMeter, gradient_norms
 
 
 def test_norms_have_known_values_and_leave_graphs_usable():
@@ -47,3 +48,18 @@ def test_scale_avoids_half_precision_underflow_and_is_divided_out():
     tiny = (1e-8 * x.float()).sum()  # float32 loss; d/dx = 1e-8 is below float16's smallest subnormal (6e-8)
     assert gradient_norms({"t": tiny}, [x])["t"] == 0.0
     assert gradient_norms({"t": tiny}, [x], scale=2.0 ** 16)["t"] == pytest.approx(2e-8, rel=1e-2)
+
+
+def test_clip_statistics_of_an_epoch():
+    stats = ClipStatistics()
+    stats.add(torch.tensor(6.0), 12.0, 1.0)  # ratio 0.5
+    stats.add(torch.tensor(18.0), 12.0, 0.5)  # ratio 1.5: clipped
+    stats.add(torch.tensor(float("inf")), 12.0, 0.25)  # a step the grad scaler skips: no ratio
+    stats.add(None, 12.0, 1.0)  # no gradient at all
+    summary = stats.summary(steps=4, max_norm=17.0)
+    assert summary == pytest.approx({"max_norm": 17.0, "ratio_mean": 1.0, "ratio_max": 1.5, "clipped_fraction": 0.5,
+                                     "distillation_scale_mean": 2.75 / 4, "distillation_scale_min": 0.25})
+    stats.reset()
+    assert stats.summary(steps=0, max_norm=12.0) == {"max_norm": 12.0, "ratio_mean": 0.0, "ratio_max": 0.0,
+                                                     "clipped_fraction": 0.0, "distillation_scale_mean": 0.0,
+                                                     "distillation_scale_min": 1.0}

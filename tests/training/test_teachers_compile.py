@@ -12,7 +12,7 @@ from nnunet_kd.training.teachers import load_frozen_teacher
 def test_frozen_teacher_loads_when_the_predictor_compiles(brats_dataset, load_trainer, tmp_path, monkeypatch):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_kd.experiments.benchmark_measure import make_frozen_teachers
+    from nnunet_kd.experiments.benchmark.measure import make_frozen_teachers
 
     stock = load_trainer(brats_dataset, nnUNetTrainer)
     plans = json.loads((brats_dataset["preprocessed"] / "nnUNetPlans.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from nnunet_kd.experiments.benchmark_measure import STUDENT_MODALITY
+from nnunet_kd.experiments.benchmark.measure import STUDENT_MODALITY
 
 STOCK = "nnUNetTrainer"
 
@@ -25,6 +25,7 @@ def _ratio(a, b) -> Optional[float]:
 
 
 def compute_ratios(trainers: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
+    """Each trainer's step times and memory divided by the stock trainer's (None where either is missing)."""
     stock = trainers.get(STOCK, {})
     out = {}
     for name, r in trainers.items():
@@ -38,7 +39,9 @@ def compute_ratios(trainers: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, O
     return out
 
 
-def evaluate_targets(ratios: Dict[str, Dict[str, Optional[float]]], inference: Optional[Dict[str, Any]]):
+def evaluate_targets(ratios: Dict[str, Dict[str, Optional[float]]],
+                     inference: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every :data:`TARGETS` entry with its value and PASS, MISS or n/a (and the ratio with data loading)."""
     out = []
     for label, who, metric, limit in TARGETS:
         if who == "inference":
@@ -97,6 +100,7 @@ def _trainer_rows(trainers: Dict[str, Dict[str, Any]], ratios: Dict[str, Dict[st
 
 
 def format_table(result: Dict[str, Any]) -> str:
+    """The text table printed on stdout: device and run facts, the trainers' rows, the inference, the targets."""
     meta = result["meta"]
     lines = [
         f"nnunet-kd benchmark  device: {meta['device_name']} ({meta['device']})  torch {meta['torch_version']}  "

@@ -1,4 +1,4 @@
-"""Random modality-availability masks for missing-modality training (MGSD).
+"""Random modality-availability masks for missing-modality training (MGSD and modality dropout).
 
 Convention: column ``m`` of a mask refers to modality ``m`` in the caller's
 canonical modality order (e.g. T1, T1ce, T2, FLAIR); ``channel_indices[m]``
@@ -11,9 +11,7 @@ from typing import Sequence
 
 import torch
 
-from nnunet_kd.brats import all_modality_subsets
-
-__all__ = ["sample_modality_masks", "all_modality_subsets", "apply_modality_mask"]
+__all__ = ["sample_modality_masks", "apply_modality_mask"]
 
 
 def sample_modality_masks(
@@ -24,15 +22,19 @@ def sample_modality_masks(
 ) -> torch.Tensor:
     """Draw one availability mask per sample, uniformly over proper non-empty subsets.
 
-    Returns a BoolTensor of shape (B, M); True = modality available. Each row is one
-    of the ``2**M - 2`` subsets that are neither empty (would give an all-zero input
-    and NaN losses) nor complete (the full pass already covers that case).
-    This is the same distribution as the reference's "keep each with p = 0.5 and
-    resample while empty or full", but without a rejection loop.
+    Each row is one of the ``2**M - 2`` subsets that are neither empty (would give an all-zero input and NaN
+    losses) nor complete (the full pass already covers that case): the same distribution as the reference's
+    "keep each with p = 0.5 and resample while empty or full", without a rejection loop.
 
-    The integers are drawn on the generator's device (CPU when no generator is
-    given) and then moved to ``device``, so a seeded CPU generator gives the same
-    masks whatever the target device.
+    Args:
+        batch_size: B, the number of masks.
+        num_modalities: M, in [2, 62].
+        generator: draws on its device (CPU when None), then the masks move to ``device``, so a seeded CPU
+            generator gives the same masks whatever the target device.
+        device: where the masks go (None: the generator's device).
+
+    Returns:
+        (B, M) bool tensor; True = modality available.
     """
     if batch_size < 0:
         raise ValueError(f"batch_size must be >= 0, got {batch_size}")
@@ -53,13 +55,16 @@ def apply_modality_mask(
 ) -> torch.Tensor:
     """Zero-fill missing modalities, per sample.
 
-    data: (B, C, *spatial), already normalised (so 0 is the mean intensity).
-    modality_mask: (B, M) bool, True = available.
-    channel_indices: length M; modality m lives in channel ``channel_indices[m]``.
-    Channels not listed in channel_indices are left untouched.
-    Returns a new tensor of data's shape and dtype; kept values are bit-identical
-    (torch.where, not a multiplication, so NaN/-0.0 never leak into kept voxels).
-    Raises ValueError on a row without any available modality.
+    Args:
+        data: (B, C, *spatial), already normalised (so 0 is the mean intensity).
+        modality_mask: (B, M) bool, True = available.
+        channel_indices: length M; modality m lives in channel ``channel_indices[m]``. Channels not listed
+            are left untouched.
+
+    Returns:
+        A new tensor of data's shape and dtype; kept values are bit-identical (torch.where, not a
+        multiplication, so NaN/-0.0 never leak into kept voxels). ValueError on a row without any
+        available modality.
     """
     if data.ndim < 3:
         raise ValueError(f"data must be (B, C, *spatial), got shape {tuple(data.shape)}")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_kd.evaluation.paired import bootstrap_interval, paired_difference, verdict, wilcoxon_p
+from nnunet_kd.experiments.study.paired import bootstrap_interval, paired_difference, verdict, wilcoxon_p
 
 
 def _cases(values_by_case):

@@ -1,4 +1,5 @@
-"""Performance-aware KD weights for MTCM-KD: the default per-region rule and the paper's rule.
+"""Performance-aware KD weights of MTCM-KD: the default per-region rule and the paper's rule, with the
+trackers that measure the Dice they come from (the weights scale losses; they are not losses).
 
 **Default rule** (:func:`region_kd_weights`, :class:`RegionPerformance`). Each source of soft targets
 (a teacher, or CDSFL at one level) distils each region (output channel; for label training each
@@ -15,23 +16,25 @@ every weight is 0 (KD stays off until it is measured).
 
 **Paper rule** (:func:`performance_weights`, :class:`PerformanceTracker`): each teacher's
 whole-tumour (WT) Dice on the training batches of one epoch, normalised to sum to 1 and scaled by a
-total KD weight, one weight for every region, used in the next epoch. Difference to the reference:
-the reference averages per-batch Dice values; we accumulate tp/fp/fn over the epoch and compute one
-Dice from the sums (as nnU-Net's online evaluation does). This is robust to batches with an empty
-tumour and can be summed exactly across DDP ranks.
+total KD weight, one weight for every region, used in the next epoch. Difference to the reference
+code (RhineLT/mtcm-kd): it averages per-batch Dice values; we accumulate tp/fp/fn over the epoch and
+compute one Dice from the sums (as nnU-Net's online evaluation does). This is robust to batches with
+an empty tumour and can be summed exactly across DDP ranks.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from torch import Tensor
 
 from nnunet_kd.training.distributed import sum_over_ranks
 
 __all__ = ["whole_tumour_channel", "whole_tumour_stats", "performance_weights", "PerformanceTracker",
-           "dice_from_stats", "ema_update", "region_kd_weights", "RegionPerformance"]
+           "hard_stats", "output_channel_names", "dice_from_stats", "moving_average", "region_kd_weights",
+           "RegionPerformance"]
 
 
 def whole_tumour_channel(regions: Optional[Sequence[Any]]) -> int:
@@ -172,6 +175,43 @@ class PerformanceTracker:
 
 
 # ------------------------------------------------------------------ default: per-region rule
+@torch.no_grad()
+def hard_stats(logits: Tensor, target: Tensor, use_regions: bool) -> np.ndarray:
+    """tp, fp, fn per foreground region or label, counted as nnU-Net's pseudo Dice counts them.
+
+    Args:
+        logits: (B, C, *spatial) network output.
+        target: with ``use_regions`` the region target (B, C, *spatial) of 0/1; else the label map
+            (B, 1, *spatial).
+        use_regions: True: prediction ``sigmoid > 0.5`` per region; False: one-hot argmax, background dropped.
+
+    Returns:
+        float64 array (3, R): R = C regions, or C - 1 labels without the background.
+    """
+    axes = [0] + list(range(2, logits.ndim))
+    if use_regions:
+        pred = (torch.sigmoid(logits.float()) > 0.5).long()
+    else:
+        pred = torch.zeros_like(logits, dtype=torch.float32)
+        pred.scatter_(1, logits.argmax(1, keepdim=True), 1)
+    tp, fp, fn, _ = get_tp_fp_fn_tn(pred, target, axes=axes)
+    stats = torch.stack([tp, fp, fn]).detach().cpu().numpy().astype(np.float64)
+    return stats if use_regions else stats[:, 1:]
+
+
+def output_channel_names(labels: Mapping[str, Any], label_manager: Any) -> List[str]:
+    """Names of the output channels (regions, or classes with the background) as dataset.json's ``labels``
+    give them, for the logs; ``channel<i>`` when they cannot be matched to the channels one to one."""
+    labels = {k: v for k, v in labels.items() if k != "ignore"}
+    if label_manager.has_regions:
+        names = [k for k, v in labels.items() if np.any(np.atleast_1d(v) != 0)]
+    else:
+        by_value = {int(v): k for k, v in labels.items() if np.isscalar(v)}
+        names = [by_value.get(int(v), str(v)) for v in label_manager.all_labels]
+    heads = label_manager.num_segmentation_heads
+    return names if len(names) == heads else [f"channel{i}" for i in range(heads)]
+
+
 def dice_from_stats(stats: Union[Tensor, np.ndarray]) -> Tensor:
     """Dice = 2tp / (2tp + fp + fn) per region from summed counts.
 
@@ -190,12 +230,20 @@ def dice_from_stats(stats: Union[Tensor, np.ndarray]) -> Tensor:
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1e-12), torch.full_like(denom, float("nan")))
 
 
-def ema_update(previous: Optional[Tensor], current: Tensor, momentum: float = 0.9) -> Tensor:
+def moving_average(previous: Optional[Tensor], current: Tensor, momentum: float = 0.9) -> Tensor:
     """``momentum * previous + (1 - momentum) * current``, element-wise, as nnU-Net's EMA pseudo-Dice.
 
-    The first measurement of an element (``previous`` None or NaN there) is taken as it is; a NaN in
-    ``current`` (not measured this epoch) keeps ``previous``. Shapes: any, ``previous`` like ``current``.
-    Returns a new float64 CPU tensor.
+    (training/ema.py averages a network's weights; this averages measurements.)
+
+    Args:
+        previous: the average so far (any shape) or None before the first measurement; NaN elements
+            were never measured and take ``current`` as it is.
+        current: this measurement, shaped like ``previous``; a NaN (not measured this epoch) keeps
+            ``previous``.
+        momentum: in [0, 1).
+
+    Returns:
+        A new float64 CPU tensor shaped like ``current``.
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -264,7 +312,7 @@ class RegionPerformance:
         summed = sum_over_ranks(local, group).to(torch.float64)
         epoch_dice = {n: d for n, d in zip(names, dice_from_stats(summed).unbind(0))}
         for n, d in epoch_dice.items():
-            self.ema[n] = ema_update(self.ema.get(n), d, self.momentum)
+            self.ema[n] = moving_average(self.ema.get(n), d, self.momentum)
         return epoch_dice
 
     def weights(self, names: Sequence[str], max_weight: float, margin: float, num_regions: int) -> Tensor:

@@ -1,4 +1,5 @@
-"""Exponential moving average ("momentum") teacher update for MGSD."""
+"""Exponential moving average of a network's weights: MGSD's momentum teacher (and the EMA target heads of
+its modality-level term), with the mean-teacher warm-up of the momentum."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """What the distillation study compares: its models, settings, data splits and their folders.
 
-The study (:mod:`nnunet_kd.experiments.study`) runs this design; :mod:`nnunet_kd.experiments.study_report`
+The study (:mod:`nnunet_kd.experiments.study.run`) runs this design; :mod:`nnunet_kd.experiments.study.collect`
 reads what it left behind.
 """
 from __future__ import annotations
@@ -23,13 +23,15 @@ class StudyModel:
     ``dataset``: ``full`` (all four channels) or ``t1ce`` (the T1ce-only dataset). ``feed``: ``t1ce_file``
     (stock ``nnUNetv2_predict`` on T1ce-only inputs), ``available_t1ce`` (``nnunet_kd_predict --available
     T1ce``: the other channels zero-filled) or ``all``. ``combinations``: also scored over all 15
-    modality combinations.
+    modality combinations. ``teacher``: the name of another model of the study whose trained model (same split)
+    this trainer distils from, handed over in ``nnUNet_kd_teachers``; it trains after that model.
     """
 
     trainer: str
     dataset: str
     feed: str
     combinations: bool = False
+    teacher: Optional[str] = None
 
     @property
     def slug(self) -> str:
@@ -39,23 +41,29 @@ class StudyModel:
 
 #: The paired differences are taken against this model.
 BASELINE = "stock nnU-Net, T1ce-only dataset"
+#: Stock nnU-Net on all four channels: the upper reference, and the frozen teacher of the MTCM-KD variant.
+ALL_FOUR = "stock nnU-Net, all four modalities (upper reference)"
 #: In the order they train (cheapest first, so that an interrupted study has its baselines).
 MODELS: Dict[str, StudyModel] = {
     BASELINE: StudyModel("nnUNetTrainerBudget", "t1ce", "t1ce_file"),
-    "stock nnU-Net, all four modalities (upper reference)": StudyModel("nnUNetTrainerBudget", "full", "all"),
+    ALL_FOUR: StudyModel("nnUNetTrainerBudget", "full", "all"),
     "modality dropout fed T1ce alone": StudyModel("nnUNetTrainerModalityDropout", "full", "available_t1ce", True),
     "MGSD fed T1ce alone": StudyModel("nnUNetTrainerMGSD", "full", "available_t1ce", True),
+    "MTCM-KD student, frozen four-channel teacher": StudyModel("nnUNetTrainerMTCMKD_FrozenTeachers", "full",
+                                                               "t1ce_file", teacher=ALL_FOUR),
     "MTCM-KD student (T1ce)": StudyModel("nnUNetTrainerMTCMKD", "full", "t1ce_file"),
-    "MTCM-KD student, reference KD (batchmean, x T)": StudyModel("nnUNetTrainerMTCMKD_Reference", "full",
-                                                                  "t1ce_file"),
-    "MTCM-KD student, voxel-mean KD x T (earlier default)": StudyModel("nnUNetTrainerMTCMKD_VoxelMeanT1", "full",
-                                                                        "t1ce_file"),
 }
 #: Further paired comparisons (model, against): MGSD is modality dropout plus self-distillation, so this pair
 #: isolates what the distillation adds (T1ce-fed, and in each of the 15 modality combinations).
 CONTRASTS: Tuple[Tuple[str, str], ...] = (("MGSD fed T1ce alone", "modality dropout fed T1ce alone"),)
 #: --ablations: further levers, on the same data and budget.
 ABLATIONS: Dict[str, StudyModel] = {
+    "ablation: MTCM-KD, the paper's weights (WT Dice, fixed total)": StudyModel("nnUNetTrainerMTCMKD_PaperWeights",
+                                                                                "full", "t1ce_file"),
+    "ablation: MTCM-KD, reference KD (batchmean, x T)": StudyModel("nnUNetTrainerMTCMKD_Reference", "full",
+                                                                   "t1ce_file"),
+    "ablation: MTCM-KD, voxel-mean KD x T (earlier default)": StudyModel("nnUNetTrainerMTCMKD_VoxelMeanT1", "full",
+                                                                         "t1ce_file"),
     "ablation: MTCM-KD, KD from epoch 0": StudyModel("nnUNetTrainerMTCMKD_KDFromStart", "full", "t1ce_file"),
     "ablation: MGSD, modality-level weight 5, fed T1ce alone": StudyModel(
         "nnUNetTrainerMGSD_LightModalityKD", "full", "available_t1ce"),
@@ -70,9 +78,12 @@ RESUME_DEFAULTS = {"autocast": "none"}
 
 
 def study_models(with_ablations: bool, only: Optional[Sequence[str]] = None) -> Dict[str, StudyModel]:
-    """The models a study trains; ``only`` keeps just these slugs (e.g. ``nnUNetTrainerMTCMKD_full``)."""
+    """The models a study trains; ``only`` keeps just these slugs (e.g. ``nnUNetTrainerMTCMKD_full``), the
+    baseline and the teachers of those kept."""
     models = {**MODELS, **(ABLATIONS if with_ablations else {})}
-    return {name: m for name, m in models.items() if not only or m.slug in only or name == BASELINE}
+    kept = {name for name, m in models.items() if not only or m.slug in only or name == BASELINE}
+    kept |= {models[name].teacher for name in kept if models[name].teacher}
+    return {name: m for name, m in models.items() if name in kept}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The benchmark's measurements: training-step time and peak memory of one trainer on a fixed batch and with
 nnU-Net's data loading, and sliding-window inference time of the T1ce student against a stock network.
 
-Called by :mod:`nnunet_kd.experiments.benchmark`, which prepares the data and the environment.
+Called in the measuring process (:mod:`nnunet_kd.experiments.benchmark.worker`), whose environment
+:mod:`nnunet_kd.experiments.benchmark.run` sets up; nothing here changes the environment.
 """
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from nnunet_kd.brats import channel_index, channel_indices, channel_names_of
-from nnunet_kd.paths import ensure_trainer_lookup
+from nnunet_kd.paths import trainer_dir
 from nnunet_kd.training.precision import precision_description
+
+if TYPE_CHECKING:
+    import torch
 
 STUDENT_MODALITY = "T1ce"
 _MIB = 1024.0 ** 2
@@ -86,6 +90,7 @@ class RSSPeak:
                 self.peak = max(self.peak, value)
 
     def delta_mib(self) -> Optional[float]:
+        """The peak's rise over the start, MiB."""
         if self.start is not None:
             return round((self.peak - self.start) / _MIB, 1)
         grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._maxrss0
@@ -122,7 +127,7 @@ def _shutdown_dataloaders(trainer) -> None:
         setattr(trainer, name, None)
 
 
-def free_device_memory(device) -> None:
+def free_device_memory(device: torch.device) -> None:
     """Collect garbage and, on a GPU, return the cached memory."""
     gc.collect()
     if device.type == "cuda":
@@ -135,26 +140,31 @@ def free_device_memory(device) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def find_trainer_class(name: str):
-    """The trainer class ``name`` as nnUNetv2_train finds it (nnU-Net's trainers, then ``nnUNet_extTrainer``)."""
+def find_trainer_class(name: str) -> type:
+    """The trainer class ``name`` as nnUNetv2_train finds it (nnU-Net's trainers, then ``nnUNet_extTrainer``),
+    else among the plugin's trainers: without setting ``nnUNet_extTrainer`` in this process."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    ensure_trainer_lookup()
     try:
         return recursive_find_trainer_class_by_name(name)
-    except RuntimeError:
-        raise ValueError(f"trainer class {name} not found in nnunetv2 or nnunet_kd.trainers") from None
+    except RuntimeError:  # not nnU-Net's, and nnUNet_extTrainer does not name the plugin's folder
+        pass
+    found = recursive_find_python_class(trainer_dir(), name, "nnunet_kd.trainers")
+    if found is None:
+        raise ValueError(f"trainer class {name} not found in nnunetv2 or nnunet_kd.trainers")
+    return found
 
 
 def make_frozen_teachers(work_dir: str, plans: dict, dataset_json: dict, configuration: str, kind: str,
-                         mirror_axes) -> Tuple[List[str], str]:
+                         mirror_axes: Sequence[int]) -> Tuple[List[str], str]:
     """Teacher model folders (plans.json, dataset.json, fold_all/checkpoint_final.pth) holding stock nnU-Net
     networks of these plans with their initial (random) weights: exactly what a trained teacher costs."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_kd.training.model_folder import subset_dataset_json, subset_plans
+    from nnunet_kd.training.channel_subset import subset_dataset_json, subset_plans
 
     names = channel_names_of(dataset_json)
     groups = [["T1"], ["T2"], ["FLAIR"]] if kind == "unimodal" else [["T1", "T1ce", "T2", "FLAIR"]]
@@ -184,8 +194,8 @@ def make_frozen_teachers(work_dir: str, plans: dict, dataset_json: dict, configu
     return paths, desc + ", planned like this dataset, initial weights (weights do not change the cost)"
 
 
-def bench_trainer(name: str, plans_file: str, dataset_json: dict, configuration: str, fold, device,
-                  steps: int, warmup: int, dl_steps: int) -> Dict[str, Any]:
+def bench_trainer(name: str, plans_file: str, dataset_json: dict, configuration: str, fold: Union[int, str],
+                  device: torch.device, steps: int, warmup: int, dl_steps: int) -> Dict[str, Any]:
     """Step time (compute alone and with data loading), peak memory and setup facts of one trainer."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -306,8 +316,8 @@ def _load_preprocessed_case(preprocessed_folder: str, case: Optional[str]):
     return np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)), ident, os.path.join(folder, ident)
 
 
-def bench_inference(plans_file: str, dataset_json: dict, configuration: str, device, case: Optional[str],
-                    repeats: int, mirror_axes) -> Dict[str, Any]:
+def bench_inference(plans_file: str, dataset_json: dict, configuration: str, device: torch.device,
+                    case: Optional[str], repeats: int, mirror_axes: Optional[Sequence[int]]) -> Dict[str, Any]:
     """Sliding-window inference time on one preprocessed case: the one-channel T1ce student against a stock
     network on all channels, both built from these plans with initial weights (median of ``repeats``)."""
     import torch
@@ -316,7 +326,7 @@ def bench_inference(plans_file: str, dataset_json: dict, configuration: str, dev
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_kd.training.model_folder import subset_dataset_json, subset_plans
+    from nnunet_kd.training.channel_subset import subset_dataset_json, subset_plans
 
     plans = load_json(plans_file)
     pm = PlansManager(plans)

@@ -1,4 +1,10 @@
-"""Optional adversarial extra of MGSD: a style discriminator on segmentation outputs."""
+"""Optional adversarial term of MGSD (nnUNetTrainerMGSD_adv): a style discriminator judges whether a
+segmentation output came from the full or the masked input, and the network learns to make masked outputs
+look full (after the reference training script of MGSD, github.com/henryccl/MMBTS).
+
+The discriminator is a network, not a loss, but it exists only for this loss pair and is trained by it
+alone, so it lives beside it rather than in ``training/``.
+"""
 from __future__ import annotations
 
 import torch
@@ -41,7 +47,16 @@ class StyleDiscriminator(nn.Module):
 
 
 def discriminator_loss(d_full_logits: torch.Tensor, d_masked_logits: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits, full-input outputs real (1), masked-input outputs fake (0); mean of both terms. (B,), (B,) -> scalar."""
+    """The discriminator's loss: BCE-with-logits with full-input outputs real (1) and masked-input outputs
+    fake (0), the mean of both terms.
+
+    Args:
+        d_full_logits: (B,) discriminator logits of the full-input outputs (detached from the network).
+        d_masked_logits: (B,) discriminator logits of the masked-input outputs (detached likewise).
+
+    Returns:
+        0-dim float32 tensor.
+    """
     real = F.binary_cross_entropy_with_logits(d_full_logits.float(), torch.ones_like(d_full_logits, dtype=torch.float32))
     fake = F.binary_cross_entropy_with_logits(d_masked_logits.float(),
                                               torch.zeros_like(d_masked_logits, dtype=torch.float32))
@@ -49,6 +64,13 @@ def discriminator_loss(d_full_logits: torch.Tensor, d_masked_logits: torch.Tenso
 
 
 def generator_adversarial_loss(d_masked_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss: the masked-input output should be judged real. (B,) -> scalar."""
+    """The network's non-saturating adversarial loss: the masked-input output should be judged real.
+
+    Args:
+        d_masked_logits: (B,) discriminator logits of the masked-input outputs (with gradient to the network).
+
+    Returns:
+        0-dim float32 tensor.
+    """
     return F.binary_cross_entropy_with_logits(d_masked_logits.float(),
                                               torch.ones_like(d_masked_logits, dtype=torch.float32))

@@ -1,9 +1,9 @@
-"""BraTS 2023-2025 cohorts: case naming, label sets, their nnU-Net labels and the evaluated regions.
+"""The BraTS 2023-2025 cohorts: their label sets, their nnU-Net labels and the evaluated regions.
 
-Since 2023 BraTS runs several cohorts with one naming scheme, ``BraTS-<PREFIX>-<subject>-<timepoint>``
-case folders holding ``<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``. The label values are small integers
-whose meaning depends on the cohort and the year (e.g. label 1 is the enhancing tumour in 2024+
-paediatric data but the non-enhancing core everywhere else), so every cohort/year has its own entry.
+Since 2023 BraTS runs several cohorts with one naming scheme (:mod:`nnunet_kd.brats.case_names`). The
+label values are small integers whose meaning depends on the cohort and the year (e.g. label 1 is the
+enhancing tumour in 2024+ paediatric data but the non-enhancing core everywhere else), so every
+cohort/year has its own entry.
 
 nnU-Net side (one convention for every cohort, so that trainers and the evaluation need no special
 cases): label 1 is the outermost tumour compartment (ED / SNFH), 2 the non-enhancing core (NCR /
@@ -22,24 +22,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from nnunet_kd.brats import map_labels
-
-#: The four MRI sequences of every 2023+ cohort except MEN-RT, in the converter's channel order.
-ALL_MODALITIES: Tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
-
-#: Long names of the regions, as written into dataset.json ``labels``.
-REGION_NAMES: Dict[str, str] = {
-    "WT": "whole tumor", "TC": "tumor core", "ET": "enhancing tumor", "RC": "resection cavity",
-    "CC": "cystic component", "GTV": "gross tumor volume",
-}
-
-#: First year of a post-treatment adult-glioma release; 2024+ post-treatment case ids carry
-#: timepoints 100 and above (e.g. BraTS-GLI-02073-100), pre-treatment ones 000-099.
-POST_TREATMENT_TIMEPOINT = 100
+from nnunet_kd.brats.case_names import COHORT_CASE_PATTERNS, canonical_prefix
+from nnunet_kd.brats.labels import RELEASE_TO_NNUNET, map_labels
+from nnunet_kd.brats.modalities import MODALITIES
+from nnunet_kd.brats.regions import REGION_NAMES, REGIONS
 
 
 @dataclass(frozen=True)
@@ -62,14 +52,14 @@ class Cohort:
     eval_config: str
     eval_regions: Mapping[str, str]
     source: str
-    modalities: Tuple[str, ...] = ALL_MODALITIES
+    modalities: Tuple[str, ...] = MODALITIES
     separator: str = "-"  # between case id and modality token in file names
     seg_token: str = "seg"
     case_pattern: "re.Pattern[str]" = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.case_pattern is None:
-            object.__setattr__(self, "case_pattern", CASE_PATTERNS[self.prefix])
+            object.__setattr__(self, "case_pattern", COHORT_CASE_PATTERNS[self.prefix])
         values = sorted(self.to_nnunet.values())
         if values != list(range(len(values))) or set(self.to_nnunet) != {0, *self.labels}:
             raise ValueError(f"{self.key}: to_nnunet must map 0 and every label onto 0..N, got {self.to_nnunet}")
@@ -114,21 +104,10 @@ class Cohort:
         return out
 
     def original_regions(self) -> Dict[str, Tuple[int, ...]]:
-        """Regions in the cohort's original label values (as the challenge defines them)."""
+        """Regions in the cohort's original label values (as the BraTS 2023-2025 challenges define them)."""
         inverse = self.from_nnunet
         return {name: tuple(sorted(inverse[m] for m in members)) for name, members in self.regions.items()}
 
-
-# Case folder names. 2023+ cohorts: 5-digit subject, 3-digit timepoint; MEN-RT: 4-digit subject and
-# a 1-digit timepoint; GoAT: 5-digit subject without timepoint.
-CASE_PATTERNS: Dict[str, "re.Pattern[str]"] = {
-    prefix: re.compile(rf"^BraTS-{prefix}-(?P<subject>\d+)-(?P<timepoint>\d+)$", re.IGNORECASE)
-    for prefix in ("GLI", "MEN", "MET", "PED", "SSA")
-}
-CASE_PATTERNS["MEN-RT"] = re.compile(r"^BraTS-MEN-RT-(?P<subject>\d+)-(?P<timepoint>\d+)$", re.IGNORECASE)
-CASE_PATTERNS["GoAT"] = re.compile(r"^BraTS-GoAT-(?P<subject>\d+)$", re.IGNORECASE)
-#: A case folder of any 2023+ cohort (the converter's release detection).
-ANY_CASE_PATTERN = re.compile(r"^BraTS-(GLI|MEN-RT|MEN|MET|PED|SSA)-\d+-\d+$|^BraTS-GoAT-\d+$", re.IGNORECASE)
 
 _NCR = ("NCR", "necrotic tumour core")
 _NETC = ("NETC", "non-enhancing tumour core")
@@ -138,17 +117,17 @@ _ET = ("ET", "enhancing tumour")
 _RC = ("RC", "resection cavity")
 
 # Label values 1/2/3 of every 2023 cohort and of the 2024+ cohorts that kept them.
-_THREE_LABELS = {0: 0, 1: 2, 2: 1, 3: 3}
-_THREE_REGIONS = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
+# They are the BraTS 2023 GLI label convention and the WT/TC/ET regions; RC (4) adds a label and region.
+_THREE_LABELS = RELEASE_TO_NNUNET["brats2023"]
 _THREE_EVAL = {"wt": "WT", "tc": "TC", "et": "ET"}
-_WITH_RC = {0: 0, 1: 2, 2: 1, 3: 3, 4: 4}
-_RC_REGIONS = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,), "RC": (4,)}
+_WITH_RC = {**_THREE_LABELS, 4: 4}
+_RC_REGIONS = {**REGIONS, "RC": (4,)}
 
 _COHORT_LIST: List[Cohort] = [
     # BraTS 2023 adult glioma (pre-treatment): https://www.synapse.org/#!Synapse:syn51156910/wiki/622341 ;
     # regions of the official 2023 metrics (WT 1+2+3, TC 1+3, ET 3).
     Cohort("GLI-2023", "GLI", (2023,), "adult glioma, pre-treatment",
-           {1: _NCR, 2: _ED, 3: _ET}, _THREE_LABELS, _THREE_REGIONS, "gli", _THREE_EVAL,
+           {1: _NCR, 2: _ED, 3: _ET}, _THREE_LABELS, REGIONS, "gli", _THREE_EVAL,
            source="https://github.com/rachitsaluja/BraTS-2023-Metrics"),
     # BraTS 2024/2025 adult glioma, post-treatment (2025 mixes pre-treatment cases, timepoint 000):
     # https://arxiv.org/abs/2405.18368 ; label values and evaluated regions: config_gli.yaml of
@@ -160,7 +139,7 @@ _COHORT_LIST: List[Cohort] = [
     # BraTS 2023 (and 2025) meningioma, pre-operative: https://arxiv.org/abs/2305.07642 ;
     # evaluated with config_MenPre.yaml (et [3], tc [1, 3], wt [1, 2, 3]).
     Cohort("MEN-2023", "MEN", (2023, 2025), "meningioma, pre-operative",
-           {1: _NETC, 2: _SNFH, 3: _ET}, _THREE_LABELS, _THREE_REGIONS, "MenPre", _THREE_EVAL,
+           {1: _NETC, 2: _SNFH, 3: _ET}, _THREE_LABELS, REGIONS, "MenPre", _THREE_EVAL,
            source="https://arxiv.org/abs/2305.07642"),
     # BraTS 2024 meningioma radiotherapy: T1c only, one label (GTV), files <case>_t1c / _gtv:
     # https://arxiv.org/abs/2405.18383 ; config_MenRT.yaml (gtv [1]).
@@ -169,7 +148,7 @@ _COHORT_LIST: List[Cohort] = [
            source="https://arxiv.org/abs/2405.18383", modalities=("T1ce",), separator="_", seg_token="gtv"),
     # BraTS 2023 metastases: https://arxiv.org/abs/2306.00838 ; regions of the 2023 metrics.
     Cohort("MET-2023", "MET", (2023,), "brain metastases, pre-treatment",
-           {1: _NETC, 2: _SNFH, 3: _ET}, _THREE_LABELS, _THREE_REGIONS, "mets", _THREE_EVAL,
+           {1: _NETC, 2: _SNFH, 3: _ET}, _THREE_LABELS, REGIONS, "mets", _THREE_EVAL,
            source="https://arxiv.org/abs/2306.00838"),
     # BraTS 2025 (Lighthouse) metastases, pre- and post-treatment, adds RC = 4:
     # https://arxiv.org/abs/2504.12527 ; config_mets.yaml (et [3], rc [4], tc [1, 3], wt [1, 2, 3]).
@@ -179,7 +158,7 @@ _COHORT_LIST: List[Cohort] = [
     # BraTS 2023 paediatric: the adult 2023 label values and regions (https://arxiv.org/abs/2305.17033;
     # regions per the 2023 metrics), so it is scored with the gli config's wt/tc/et groups.
     Cohort("PED-2023", "PED", (2023,), "paediatric tumours (2023 labels)",
-           {1: _NCR, 2: _ED, 3: _ET}, _THREE_LABELS, _THREE_REGIONS, "gli", _THREE_EVAL,
+           {1: _NCR, 2: _ED, 3: _ET}, _THREE_LABELS, REGIONS, "gli", _THREE_EVAL,
            source="https://arxiv.org/abs/2305.17033"),
     # BraTS 2024/2025 paediatric: 1 ET, 2 NET, 3 CC, 4 ED; TC = 1+2+3, WT = 1+2+3+4:
     # https://arxiv.org/abs/2404.15009 ; config_ped.yaml (et [1], netc [2], cc [3], ed [4], tc, wt).
@@ -192,21 +171,19 @@ _COHORT_LIST: List[Cohort] = [
            source="https://arxiv.org/abs/2404.15009"),
     # BraTS 2023-2025 sub-Saharan Africa glioma: the 2023 adult labels, https://arxiv.org/abs/2305.19369
     Cohort("SSA-2023", "SSA", (2023, 2024, 2025), "adult glioma, sub-Saharan Africa",
-           {1: _NCR, 2: _ED, 3: _ET}, _THREE_LABELS, _THREE_REGIONS, "gli", _THREE_EVAL,
+           {1: _NCR, 2: _ED, 3: _ET}, _THREE_LABELS, REGIONS, "gli", _THREE_EVAL,
            source="https://arxiv.org/abs/2305.19369"),
     # BraTS 2024/2025 generalizability across tumours; labels of config_GoAT.yaml (et [3], tc [1, 3],
     # wt [1, 2, 3]); cases are named BraTS-GoAT-<subject> without timepoint.
     Cohort("GoAT-2024", "GoAT", (2024, 2025), "generalizability across tumours",
-           {1: _NETC, 2: _SNFH, 3: _ET}, _THREE_LABELS, _THREE_REGIONS, "GoAT", _THREE_EVAL,
+           {1: _NETC, 2: _SNFH, 3: _ET}, _THREE_LABELS, REGIONS, "GoAT", _THREE_EVAL,
            source="https://github.com/BraTS/BraTS_evaluation/blob/main/brats_evaluation/configs/config_GoAT.yaml"),
 ]
 
 #: Cohort key -> cohort.
 COHORTS: Dict[str, Cohort] = {c.key: c for c in _COHORT_LIST}
-#: Case-name prefixes of the 2023+ scheme, longest first (MEN-RT before MEN).
-PREFIXES: Tuple[str, ...] = tuple(sorted(CASE_PATTERNS, key=len, reverse=True))
 #: Years with a 2023+ cohort.
-YEARS: Tuple[int, ...] = tuple(sorted({y for c in _COHORT_LIST for y in c.years}))
+COHORT_YEARS: Tuple[int, ...] = tuple(sorted({y for c in _COHORT_LIST for y in c.years}))
 
 
 def cohort_for(prefix: str, year: int) -> Cohort:
@@ -214,7 +191,7 @@ def cohort_for(prefix: str, year: int) -> Cohort:
 
     Raises ValueError naming the years that exist for the prefix.
     """
-    canonical = _canonical_prefix(prefix)
+    canonical = canonical_prefix(prefix)
     matches = [c for c in _COHORT_LIST if c.prefix == canonical and int(year) in c.years]
     if not matches:
         known = sorted({y for c in _COHORT_LIST if c.prefix == canonical for y in c.years})
@@ -232,66 +209,6 @@ def label_conventions(year: int) -> int:
     return len({tuple(sorted(c.to_nnunet.items())) for c in cohorts_of_year(year)})
 
 
-def _canonical_prefix(prefix: str) -> str:
-    for known in CASE_PATTERNS:
-        if known.lower() == str(prefix).strip().lower():
-            return known
-    raise ValueError(f"unknown BraTS cohort {prefix!r}; known: {', '.join(sorted(CASE_PATTERNS))}")
-
-
-def parse_case_id(name: str) -> Optional[Tuple[str, str, Optional[int]]]:
-    """``(prefix, subject, timepoint)`` of a 2023+ case folder name, or None if it is not one.
-
-    ``timepoint`` is None for GoAT (its ids have none).
-    """
-    for prefix in PREFIXES:
-        m = CASE_PATTERNS[prefix].match(name)
-        if m:
-            tp = m.groupdict().get("timepoint")
-            return prefix, m.group("subject"), None if tp is None else int(tp)
-    return None
-
-
-def year_hint(names: Iterable[str]) -> Optional[int]:
-    """The single BraTS year named by release folders such as ``ASNR-MICCAI-BraTS2023-GLI-Challenge-
-    TrainingData`` or ``MICCAI2024-BraTS-GoAT-TrainingData`` (None if no name, or several years, appear).
-
-    Only folder names that mention BraTS and are not case folders count.
-    """
-    years = set()
-    for name in names:
-        name = str(name)
-        if "brats" not in name.lower() or parse_case_id(name) is not None:
-            continue
-        years.update(int(y) for y in re.findall(r"(?<!\d)(20\d\d)(?!\d)", name))
-    years &= set(YEARS)
-    return years.pop() if len(years) == 1 else None
-
-
-def detect_cohort(prefix: str, case_ids: Sequence[str], year: Optional[int] = None,
-                  hint: Optional[int] = None) -> Cohort:
-    """The cohort for cases of ``prefix``: from ``year`` if given (ValueError if that year has no such
-    cohort), else from a release-folder year ``hint`` (ignored if it has none), else from the case ids.
-
-    Without a year: GLI is post-treatment (2024+ labels with RC) when any case has a timepoint of 100
-    or more, else 2023; PED is refused because the 2023 and 2024+ label values mean different
-    tissues; every other prefix uses its earliest cohort.
-    """
-    prefix = _canonical_prefix(prefix)
-    if year is not None:
-        return cohort_for(prefix, year)
-    if hint is not None and any(c.prefix == prefix and hint in c.years for c in _COHORT_LIST):
-        return cohort_for(prefix, hint)
-    if prefix == "GLI":
-        post = any((p := parse_case_id(c)) is not None and p[2] is not None and p[2] >= POST_TREATMENT_TIMEPOINT
-                   for c in case_ids)
-        return COHORTS["GLI-2024" if post else "GLI-2023"]
-    if prefix == "PED":
-        raise ValueError("BraTS-PED label values changed in 2024 (2023: 1 NCR, 2 ED, 3 ET; 2024+: 1 ET, 2 NET, "
-                         "3 CC, 4 ED) and the case names do not tell the year; pass --year 2023 or --year 2024")
-    return min((c for c in _COHORT_LIST if c.prefix == prefix), key=lambda c: c.years[0])
-
-
 def to_nnunet(seg: np.ndarray, cohort: Cohort) -> np.ndarray:
     """Original labels of ``cohort`` -> nnU-Net labels (ValueError for labels outside the cohort's set)."""
     return map_labels(seg, cohort.to_nnunet)
@@ -300,45 +217,3 @@ def to_nnunet(seg: np.ndarray, cohort: Cohort) -> np.ndarray:
 def to_original(seg: np.ndarray, cohort: Cohort) -> np.ndarray:
     """nnU-Net labels -> the original labels of ``cohort`` (for ``--to-brats`` and the official metrics)."""
     return map_labels(seg, cohort.from_nnunet)
-
-
-def region_masks(seg: np.ndarray, cohort: Cohort) -> Dict[str, np.ndarray]:
-    """Boolean masks of the cohort's regions from a segmentation in nnU-Net labels."""
-    return {name: np.isin(seg, members) for name, members in cohort.regions.items()}
-
-
-def gli_differences(cohort: Cohort) -> List[str]:
-    """Where the cohort's label values mean something else than in BraTS 2023 GLI (1 NCR, 2 ED, 3 ET):
-    one sentence per differing or extra label value (empty for GLI 2023 and cohorts with its labels)."""
-    gli = COHORTS["GLI-2023"]
-    out = []
-    for value, (abbr, meaning) in sorted(cohort.labels.items()):
-        if value not in gli.labels:
-            out.append(f"label {value} is {abbr} ({meaning}), a label GLI 2023 does not have")
-        elif cohort.to_nnunet[value] != gli.to_nnunet[value]:
-            out.append(f"label {value} is {abbr} ({meaning}), where GLI 2023 has {gli.labels[value][0]}")
-    for value in sorted(set(gli.labels) - set(cohort.labels)):
-        out.append(f"label {value} ({gli.labels[value][0]} in GLI 2023) is not used")
-    return out
-
-
-def dataset_json_fields(cohort: Cohort) -> Dict[str, object]:
-    """Extra dataset.json entries describing the cohort's original labels (read back by ``--to-brats``)."""
-    return {
-        "brats_cohort": cohort.key,
-        "original_labels": {str(v): f"{abbr}: {meaning}" for v, (abbr, meaning) in sorted(cohort.labels.items())},
-        "original_to_nnunet_labels": {str(k): v for k, v in sorted(cohort.to_nnunet.items())},
-        "nnunet_label_meaning": {str(k): v for k, v in cohort.nnunet_label_names().items()},
-        "original_regions": {name: list(m) for name, m in cohort.original_regions().items()},
-        "label_meaning_differs_from_GLI": gli_differences(cohort),
-        "label_source": cohort.source,
-    }
-
-
-def cohort_of_cases(case_ids: Sequence[str], year: Optional[int] = None, hint: Optional[int] = None) -> Cohort:
-    """The one cohort of 2023+ case folders (ValueError when they mix prefixes); see detect_cohort."""
-    prefixes = sorted({p[0] for p in map(parse_case_id, case_ids) if p is not None})
-    if len(prefixes) != 1:
-        raise ValueError(f"the case folders mix BraTS cohorts {', '.join(prefixes) or '(none)'}; "
-                         "convert one cohort at a time")
-    return detect_cohort(prefixes[0], case_ids, year, hint)

@@ -1,16 +1,14 @@
-"""BraTS conventions shared by the converter, the trainers and the evaluation.
+"""MRI modalities of BraTS: canonical names, the aliases of the releases, channels found by name, and the
+subsets of modalities (the missing-modality combinations).
 
-Modalities are always found by name (case-insensitive, with the aliases used by
-the BraTS releases and the Decathlon), never by a fixed channel index.
-Labels inside nnU-Net follow nnU-Net's own BraTS convention:
-1 = edema (ED), 2 = necrosis / non-enhancing core (NCR), 3 = enhancing tumour (ET).
+Modalities are always found by name (case-insensitive, with the aliases used by the BraTS releases --
+``t1``/``t1ce`` up to BraTS 2021, ``t1n``/``t1c``/``t2w``/``t2f`` from BraTS 2023 -- and by the Medical
+Segmentation Decathlon's Task01), never by a fixed channel index.
 """
 from __future__ import annotations
 
 import itertools
 from typing import Dict, Iterable, List, Mapping, Tuple
-
-import numpy as np
 
 #: Canonical modality names, in the channel order the converter writes.
 MODALITIES: Tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
@@ -23,31 +21,12 @@ MODALITY_ALIASES: Dict[str, Tuple[str, ...]] = {
 }
 _ALIAS_TO_CANONICAL = {alias: name for name, aliases in MODALITY_ALIASES.items() for alias in aliases}
 
-#: nnU-Net label values (nnU-Net's BraTS convention).
-NNUNET_LABELS: Dict[str, int] = {"background": 0, "edema": 1, "necrosis": 2, "enhancing": 3}
-
-#: Region definitions in nnU-Net labels; the order is regions_class_order (1, 2, 3).
-REGIONS: Dict[str, Tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
-
-#: Release label value -> nnU-Net label value.
-RELEASE_TO_NNUNET: Dict[str, Dict[int, int]] = {
-    "brats2021": {0: 0, 1: 2, 2: 1, 4: 3},  # 2018-2021: 1 NCR, 2 ED, 4 ET
-    "brats2023": {0: 0, 1: 2, 2: 1, 3: 3},  # 2023+ GLI: 1 NCR, 2 ED, 3 ET
-    "msd": {0: 0, 1: 1, 2: 2, 3: 3},  # Task01: 1 edema, 2 non-enhancing, 3 enhancing
+#: File-name token of each modality: BraTS 2018-2021 (``<case>_t1ce.nii.gz``) and the BraTS 2023+ cohorts
+#: (``<case>-t1c.nii.gz``).
+MODALITY_FILE_TOKENS: Dict[str, Dict[str, str]] = {
+    "brats2021": {"T1": "t1", "T1ce": "t1ce", "T2": "t2", "FLAIR": "flair"},
+    "brats2023": {"T1": "t1n", "T1ce": "t1c", "T2": "t2w", "FLAIR": "t2f"},
 }
-
-#: BraTS 2018, 2019 and 2020 share the 2021 label values, so the years users know are accepted as names of it.
-LABEL_CONVENTION_ALIASES: Dict[str, str] = {"brats2018": "brats2021", "brats2019": "brats2021",
-                                            "brats2020": "brats2021"}
-
-#: How messages name each label convention (the key ``brats2021`` alone reads as if 2018-2020 differed).
-LABEL_SET_NAMES: Dict[str, str] = {"brats2021": "BraTS 2018-2021", "brats2023": "BraTS 2023 GLI",
-                                   "msd": "Decathlon Task01"}
-
-
-def canonical_label_convention(name: str) -> str:
-    """``brats2018``/``brats2019``/``brats2020`` -> ``brats2021``; any other name is returned unchanged."""
-    return LABEL_CONVENTION_ALIASES.get(name, name)
 
 
 def canonical_modality(name: str) -> str:
@@ -117,35 +96,6 @@ def modality_label(channel_names: Mapping[int, str], channels: Iterable[int], se
 def modalities_text(channel_names: Mapping[int, str]) -> str:
     """``T1 (channel 0), T1ce (channel 1), ...`` for error messages."""
     return ", ".join(f"{display_name(n)} (channel {c})" for c, n in sorted(channel_names.items()))
-
-
-def release_labels(convention: str) -> Tuple[int, ...]:
-    """The label values allowed in segmentations of a release convention."""
-    return tuple(sorted(RELEASE_TO_NNUNET[convention]))
-
-
-def map_labels(seg: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
-    """Map label values with a lookup table. Values absent from ``mapping`` raise ValueError."""
-    present = np.unique(seg)
-    unknown = sorted(set(int(v) for v in present) - set(mapping))
-    if unknown:
-        raise ValueError(f"label values {unknown} are not in the allowed set {sorted(mapping)}")
-    out = np.zeros(seg.shape, dtype=np.uint8)
-    for src, dst in mapping.items():
-        if dst != 0:
-            out[seg == src] = dst
-    return out
-
-
-def nnunet_to_release(seg: np.ndarray, convention: str) -> np.ndarray:
-    """Map nnU-Net labels (1 ED, 2 NCR, 3 ET) back to a release's labels."""
-    inverse = {v: k for k, v in RELEASE_TO_NNUNET[convention].items()}
-    return map_labels(seg, inverse)
-
-
-def region_masks(seg: np.ndarray) -> Dict[str, np.ndarray]:
-    """Boolean WT/TC/ET masks from a segmentation in nnU-Net labels."""
-    return {name: np.isin(seg, members) for name, members in REGIONS.items()}
 
 
 # --------------------------------------------------------------------------------------
