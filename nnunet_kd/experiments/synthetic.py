@@ -198,7 +198,7 @@ def _add_fourth_label(nn: np.ndarray, brain: np.ndarray) -> np.ndarray:
 
 def _write_cohort_case(out_dir: str, index: int, cohort_key: str, arrays: Dict[str, np.ndarray],
                        spacing: Sequence[float], with_seg: bool, file_ending: str) -> str:
-    """One case of a 2023+ cohort (conversion/cohorts.py): its case name, sequences and original labels.
+    """One case of a 2023+ cohort (brats/cohorts.py): its case name, sequences and original labels.
     Cohorts with a fourth label (RC, CC) get a label-4 blob; post-treatment cohorts (RC) timepoint 100."""
     from nnunet_kd.brats import COHORTS, to_original
 
@@ -279,7 +279,7 @@ def generate_dataset(
       Like the real release, case 355's segmentation is named ``W39_1998.09.19_Segm`` + file_ending.
     * ``brats2021``: ``BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}``.
     * ``brats2023``: ``BraTS-GLI-XXXXX-000/BraTS-GLI-XXXXX-000-{t1n,t1c,t2w,t2f,seg}``, labels 0/1/2/3;
-      another ``cohort`` (a key of conversion/cohorts.COHORTS, e.g. ``GLI-2024``, ``PED-2024``,
+      another ``cohort`` (a key of nnunet_kd.brats.COHORTS, e.g. ``GLI-2024``, ``PED-2024``,
       ``MEN-RT-2024``) writes that cohort's case names, sequences and original labels.
     * ``msd``: ``Task01_BrainTumour/{imagesTr,labelsTr,imagesTs}/BRATS_XXX.nii.gz``, 4D images
       (FLAIR, T1w, T1gd, T2w, float32), labels 1 edema / 2 non-enhancing / 3 enhancing, dataset.json.
