@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_kd.brats import RELEASE_TO_NNUNET, map_labels, nnunet_to_release
+from nnunet_kd.brats import MODALITY_FILE_TOKENS, RELEASE_TO_NNUNET, map_labels, nnunet_to_release
 from nnunet_kd.cli import command
 
 #: Layouts ``generate_dataset`` can write.
@@ -179,11 +179,12 @@ def _write_case_folder(
     return folder
 
 
-_NAMES_2021 = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
-_NAMES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
-
-
-_COHORT_TOKENS = {"T1": ("t1", "t1n"), "T1ce": ("t1ce", "t1c"), "T2": ("t2", "t2w"), "FLAIR": ("flair", "t2f")}
+# The synthetic volumes are keyed by the 2018-2021 file tokens (t1, t1ce, t2, flair); the file names of each
+# release come from the one table of tokens, brats.MODALITY_FILE_TOKENS.
+_ARRAY_KEY = MODALITY_FILE_TOKENS["brats2021"]
+_NAMES_2021 = {key: key for key in _ARRAY_KEY.values()}
+_NAMES_2023 = {_ARRAY_KEY[m]: token for m, token in MODALITY_FILE_TOKENS["brats2023"].items()}
+_COHORT_TOKENS = {m: (_ARRAY_KEY[m], token) for m, token in MODALITY_FILE_TOKENS["brats2023"].items()}
 
 
 def _add_fourth_label(nn: np.ndarray, brain: np.ndarray) -> np.ndarray:
