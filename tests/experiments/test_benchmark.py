@@ -234,6 +234,10 @@ def test_each_setting_runs_in_its_own_environment_and_ours_is_left_alone(tmp_pat
                 "inference": None}
 
     monkeypatch.setattr(benchmark_run, "_run_worker", fake_worker)
+    # torch, nnU-Net and blosc2 set variables of their own on first import (KMP_*, TORCHINDUCTOR_CACHE_DIR, ...):
+    # import them first, so that only what the benchmark itself does to the environment is compared.
+    import blosc2  # noqa: F401
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer  # noqa: F401
     before = dict(os.environ)
     work = tmp_path / "work"
     settings = benchmark_run.BenchmarkSettings(dataset_id="123", trainers=("nnUNetTrainer",), device="cpu",
@@ -255,3 +259,64 @@ def test_each_setting_runs_in_its_own_environment_and_ours_is_left_alone(tmp_pat
     assert result["defaults"]["trainers"] == {"nnUNetTrainer": {"step_time_median_s": 0.1}}
     assert result["meta"]["precision"] == "precision: bf16 autocast on the CPU (nnUNet_kd_autocast=bf16)"
 
+
+
+def _fake_worker_recording(calls, compiles: bool):
+    def fake_worker(request, env, work_dir, name):
+        calls.append((name, request))
+        trainers = ({t: {"step_time_median_s": 0.1, "peak_rss_increase_mib": 1.0} for t in request.trainers}
+                    if request.measure_trainers and (compiles or not request.only_if_compiled) else {})
+        return {"facts": {"device_name": "cpu"}, "compiles": compiles, "trainers": trainers, "ok": True,
+                "inference": {"ratio_student_to_stock": 1.0} if request.inference else None}
+    return fake_worker
+
+
+def _request(device: str, **changes):
+    request = benchmark_worker.MeasureRequest(
+        trainers=("nnUNetTrainer", "nnUNetTrainerMGSD", "nnUNetTrainerMTCMKD"), stock_as="nnUNetTrainer",
+        plans_file="p.json", dataset_json_file="d.json", configuration="3d_fullres", fold=0, device=device,
+        steps=1, warmup=0, data_loading_steps=1, inference=True)
+    return dataclasses.replace(request, **changes)
+
+
+def test_on_the_cpu_each_trainer_is_measured_in_a_process_of_its_own(monkeypatch, tmp_path):
+    # Resident memory freed by one trainer would be reused by the next in the same process.
+    calls = []
+    monkeypatch.setattr(benchmark_run, "_run_worker", _fake_worker_recording(calls, compiles=False))
+    merged = benchmark_run._run_setting(_request("cpu"), {}, str(tmp_path), "eager")
+    assert [name for name, _ in calls] == ["eager_nnUNetTrainer", "eager_nnUNetTrainerMGSD",
+                                           "eager_nnUNetTrainerMTCMKD"]
+    assert [r.trainers for _, r in calls] == [("nnUNetTrainer",), ("nnUNetTrainerMGSD",), ("nnUNetTrainerMTCMKD",)]
+    assert [r.inference for _, r in calls] == [True, False, False]  # beside stock, whose mirror axes it uses
+    assert list(merged["trainers"]) == ["nnUNetTrainer", "nnUNetTrainerMGSD", "nnUNetTrainerMTCMKD"]
+    assert merged["inference"] == {"ratio_student_to_stock": 1.0} and merged["ok"]
+
+    # nnU-Net's defaults on the CPU (no compilation): one process asks, nothing is measured twice.
+    calls.clear()
+    probe = benchmark_run._run_setting(_request("cpu", inference=False, only_if_compiled=True), {}, str(tmp_path),
+                                       "defaults")
+    assert [name for name, _ in calls] == ["defaults_probe"] and probe["trainers"] == {}
+
+
+def test_on_a_gpu_the_trainers_share_one_process(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(benchmark_run, "_run_worker", _fake_worker_recording(calls, compiles=True))
+    merged = benchmark_run._run_setting(_request("cuda"), {}, str(tmp_path), "eager")
+    assert [name for name, _ in calls] == ["eager"] and len(merged["trainers"]) == 3
+
+
+def test_resident_memory_counts_from_the_given_baseline():
+    from nnunet_kd.experiments.benchmark.measure import RSSPeak, _rss_bytes
+
+    baseline = _rss_bytes()
+    if baseline is None:
+        pytest.skip("no /proc/self/statm here")
+    block = bytearray(64 * 1024 * 1024)  # allocated before the window opens, as a trainer's weights are
+    block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
+    with RSSPeak(baseline=baseline) as counted:
+        pass
+    with RSSPeak() as window_only:
+        pass
+    assert counted.delta_mib() >= 60
+    assert window_only.delta_mib() < 16
+    del block

@@ -56,17 +56,20 @@ def _rss_bytes() -> Optional[int]:
 class RSSPeak:
     """Peak resident set size of this process while active (sampled every few ms from /proc).
 
-    Falls back to the increase of ``ru_maxrss`` (process high-water mark) where /proc is unavailable."""
+    ``baseline``: the resident bytes the peak is compared with (default: those on entering), e.g. read before a
+    trainer was built so that its weights, optimiser state and teachers count. Falls back to the increase of
+    ``ru_maxrss`` (process high-water mark) where /proc is unavailable."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.005, baseline: Optional[int] = None):
         self.interval = interval
+        self.baseline = baseline
         self.start = self.peak = None
         self._stop = threading.Event()
         self._thread = None
         self._maxrss0 = 0
 
     def __enter__(self):
-        self.start = _rss_bytes()
+        self.start = self.baseline if self.baseline is not None else _rss_bytes()
         self._maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if self.start is not None:
             self.peak = self.start
@@ -204,6 +207,7 @@ def bench_trainer(name: str, plans_file: str, dataset_json: dict, configuration:
     plans = load_json(plans_file)
     plans["continue_training"] = False
     res: Dict[str, Any] = {"class": f"{cls.__module__}.{cls.__name__}"}
+    rss_before_setup = _rss_bytes()  # CPU memory counts from here: weights, optimiser state, teachers, steps
     t0 = time.perf_counter()
     trainer = cls(plans=plans, configuration=configuration, fold=fold, dataset_json=json.loads(json.dumps(dataset_json)),
                   device=device)
@@ -230,7 +234,7 @@ def bench_trainer(name: str, plans_file: str, dataset_json: dict, configuration:
             torch.cuda.synchronize(device)
             res["memory_allocated_before_mib"] = round(torch.cuda.memory_allocated(device) / _MIB, 1)
             torch.cuda.reset_peak_memory_stats(device)
-        with RSSPeak() as rss:
+        with RSSPeak(baseline=rss_before_setup) as rss:
             losses = []
             for _ in range(warmup):
                 losses.append(trainer.train_step(batch)["loss"])

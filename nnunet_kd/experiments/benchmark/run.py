@@ -181,6 +181,27 @@ def _run_worker(request: MeasureRequest, env: Mapping[str, str], work_dir: str, 
         return json.load(f)
 
 
+def _run_setting(request: MeasureRequest, env: Mapping[str, str], work_dir: str, name: str) -> Dict[str, Any]:
+    """One setting: on a GPU every trainer in one process (its peak memory is reset per trainer); on the CPU each
+    trainer in a process of its own, since resident memory that one trainer freed would be reused by the next
+    and hide the later trainers' memory. Merged into the worker's result form (the inference runs beside stock,
+    whose mirror axes it uses). A setting measured only where nnU-Net compiles asks one process first."""
+    if request.device == "cuda" or len(request.trainers) <= 1 or not request.measure_trainers:
+        return _run_worker(request, env, work_dir, name)
+    if request.only_if_compiled:
+        probe = _run_worker(replace(request, measure_trainers=False), env, work_dir, f"{name}_probe")
+        if not probe["compiles"]:
+            return probe
+        request = replace(request, only_if_compiled=False)
+    runs = [_run_worker(replace(request, trainers=(trainer,), inference=request.inference and trainer == STOCK),
+                        env, work_dir, f"{name}_{trainer}") for trainer in request.trainers]
+    merged = dict(runs[0], trainers={}, ok=all(r["ok"] for r in runs), inference=None)
+    for run in runs:
+        merged["trainers"].update(run["trainers"])
+        merged["inference"] = merged["inference"] or run["inference"]
+    return merged
+
+
 def _measure(settings: BenchmarkSettings, argv: Sequence[str], work_dir: str, dataset_id: str,
              env: Dict[str, str]) -> Tuple[Dict[str, Any], bool]:
     """Every trainer, then the inference, on the preprocessed dataset ``dataset_id``; (result, all_ok).
@@ -216,10 +237,10 @@ def _measure(settings: BenchmarkSettings, argv: Sequence[str], work_dir: str, da
         data_loading_steps=settings.data_loading_steps, inference=not settings.skip_inference,
         inference_case=settings.inference_case, inference_repeats=settings.inference_repeats)
     eager_env = {**env, "nnUNet_compile": "0"}
-    eager = _run_worker(eager_request, eager_env, work_dir, "eager")
+    eager = _run_setting(eager_request, eager_env, work_dir, "eager")
     defaults_request = replace(eager_request, measure_trainers=not settings.eager_only, only_if_compiled=True,
                                inference=False)
-    defaults_run = _run_worker(defaults_request, {k: v for k, v in env.items() if k != "nnUNet_compile"}, work_dir,
+    defaults_run = _run_setting(defaults_request, {k: v for k, v in env.items() if k != "nnUNet_compile"}, work_dir,
                                "defaults")
     ok = eager["ok"] and defaults_run["ok"]
 
@@ -245,8 +266,9 @@ def _measure(settings: BenchmarkSettings, argv: Sequence[str], work_dir: str, da
         "precision": precision_description(torch.device(device_type), parse_cpu_autocast(settings.autocast), env),
         "stock_measured_as": stock_as,
         "kd_active": "KD trainers are timed with current_epoch = kd_start_epoch, i.e. with all distillation terms",
-        "cpu_memory_note": "on CPU peak_rss_increase_mib is the rise of the process's resident memory during the "
-                           "steps; memory freed by an earlier trainer and reused shows as no increase",
+        "cpu_memory_note": "on CPU peak_rss_increase_mib is the rise of the process's resident memory from before "
+                           "the trainer was built to the peak of its steps (weights, optimiser state, teachers, "
+                           "activations), each trainer in a process of its own",
         "compute_alone": "one real batch from the trainer's dataloader, kept on the device, reused for every step",
     }
     result: Dict[str, Any] = {"meta": meta, "trainers": eager["trainers"], "ratios": {},
