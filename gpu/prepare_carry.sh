@@ -27,7 +27,8 @@ PLATFORMS=""
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
          manylinux2014_x86_64 manylinux1_x86_64; do PLATFORMS+=" --platform $p"; done
 
-rm -rf "$DEST" && mkdir -p "$DEST"
+. "$REPO/gpu/fresh_dir.sh"
+fresh_dir "$DEST" || exit 1
 for spec in $BINARY; do
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
         $PLATFORMS -d "$DEST" "$spec" 2>&1 | grep -v "is ignored" || true
@@ -81,7 +82,7 @@ if any(m.endswith("MISSING)") for m in missing):
 EOF
 
 if [ "$NO_DATA" != 1 ]; then
-    rm -rf "$REPO/.gpu_data" && mkdir -p "$REPO/.gpu_data"
+    fresh_dir "$REPO/.gpu_data" || exit 1
     cp -r "$DATA_SRC" "$REPO/.gpu_data/BraTS2018_2mm"
     test "$(ls -d "$REPO/.gpu_data/BraTS2018_2mm"/Brats18_* | wc -l)" = 33
 fi

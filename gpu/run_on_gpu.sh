@@ -126,10 +126,14 @@ if has benchmark; then
         BENCH=("$PY" -m nnunet_kd.experiments.benchmark --real-brats "$DATA" --num-processes 8)
     fi
     [ "$BENCH_EAGER_ONLY" = 1 ] && BENCH+=(--eager-only)
-    rm -rf "$WORK/bench"
-    part benchmark "$(( $(left) - T_PACK ))" "${BENCH[@]}" --device "$DEVICE" --steps "$BENCH_STEPS" \
-        --warmup "$BENCH_WARMUP" --data-loading-steps "$BENCH_DL_STEPS" --inference-repeats "$BENCH_REPEATS" \
-        --work-dir "$WORK/bench" --keep-work-dir -o "$WORK/bench/benchmark.json"
+    . "$REPO/gpu/fresh_dir.sh"
+    if fresh_dir "$WORK/bench"; then
+        part benchmark "$(( $(left) - T_PACK ))" "${BENCH[@]}" --device "$DEVICE" --steps "$BENCH_STEPS" \
+            --warmup "$BENCH_WARMUP" --data-loading-steps "$BENCH_DL_STEPS" --inference-repeats "$BENCH_REPEATS" \
+            --work-dir "$WORK/bench" --keep-work-dir -o "$WORK/bench/benchmark.json"
+    else
+        say "part benchmark: skipped ($WORK/bench was not made by this script)"
+    fi
 fi
 
 # ---------------------------------------------------------------- 5. pack (what finished, whatever failed)

@@ -87,3 +87,22 @@ def test_device_call_in_readme():
     assert len(call["command"]) <= 2000 and "gpu/run_on_gpu.sh" in call["command"]
     assert len(call["carry"]) <= 8 and set(call["carry"]) == {".whl", ".gpu_data"}
     assert 540 <= call["timeout_s"] <= 600
+
+
+def test_the_scripts_delete_only_folders_they_made(tmp_path):
+    def fresh_dir(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", f'. "{REPO}/gpu/fresh_dir.sh"; fresh_dir "{folder}"'],
+                              capture_output=True, text=True, timeout=30)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.whl").write_text("a user's file")
+    refused = fresh_dir(theirs)
+    assert refused.returncode != 0 and str(theirs) in refused.stderr
+    assert (theirs / "keep.whl").read_text() == "a user's file"
+
+    ours = tmp_path / "ours"
+    assert fresh_dir(ours).returncode == 0
+    (ours / "old.whl").write_text("made by an earlier run")
+    assert fresh_dir(ours).returncode == 0
+    assert [p.name for p in ours.iterdir()] == [".made_by_nnunet_kd_gpu"]
