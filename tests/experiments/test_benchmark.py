@@ -260,7 +260,6 @@ def test_each_setting_runs_in_its_own_environment_and_ours_is_left_alone(tmp_pat
     assert result["meta"]["precision"] == "precision: bf16 autocast on the CPU (nnUNet_kd_autocast=bf16)"
 
 
-
 def _fake_worker_recording(calls, compiles: bool):
     def fake_worker(request, env, work_dir, name):
         calls.append((name, request))
