@@ -310,3 +310,12 @@ def stop_at(monkeypatch):
         return StoppedHere
 
     return replace
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """bf16 autocast allowed whatever this CPU is: trainers refuse it where bf16 would be emulated
+    (training/precision.py), and the in-process tests of the bf16 steps are small enough to run emulated."""
+    from nnunet_kd.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)

@@ -219,7 +219,7 @@ def _preprocessed_dataset(folder):
     (folder / "dataset.json").write_text(json.dumps({"channel_names": channels}))
 
 
-def test_each_setting_runs_in_its_own_environment_and_ours_is_left_alone(tmp_path, monkeypatch):
+def test_each_setting_runs_in_its_own_environment_and_ours_is_left_alone(tmp_path, monkeypatch, native_bf16):
     _preprocessed_dataset(tmp_path / "preprocessed" / "Dataset123_X")
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     monkeypatch.setenv("nnUNet_compile", "1")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nnunet_kd.training import precision
 from nnunet_kd.training.precision import (AUTOCAST_ENV, CPUAutocastMixin, _float_outputs, autocast_for,
-                                          cpu_autocast_dtype, parse_cpu_autocast, precision_description)
+                                          cpu_autocast_dtype, cpu_has_native_bf16, parse_cpu_autocast,
+                                          precision_description, require_native_cpu_bf16)
 
 
 @pytest.mark.parametrize("value", [None, "", " ", "none", "NONE"])
@@ -89,7 +91,7 @@ def _trainer(device: str = "cpu") -> _Trainer:
 
 
 @pytest.mark.parametrize("step", ["train_step", "validation_step"])
-def test_stock_steps_run_under_bf16_autocast_and_hand_float32_to_the_loss(monkeypatch, step):
+def test_stock_steps_run_under_bf16_autocast_and_hand_float32_to_the_loss(monkeypatch, native_bf16, step):
     monkeypatch.setenv(AUTOCAST_ENV, "bf16")
     trainer = _trainer()
     getattr(trainer, step)(torch.randn(1, 1, 5, 5, 5))
@@ -120,3 +122,51 @@ def test_a_bad_value_stops_before_the_trainer_is_built(monkeypatch, capsys, valu
     assert exc.value.code == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: environment variable {AUTOCAST_ENV}={value!r}")
+
+
+def _cpu(monkeypatch, machine: str, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(precision.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize("machine,avx512_bf16,amx,native", [
+    ("x86_64", False, False, False), ("x86_64", True, False, True), ("AMD64", False, True, True),
+    ("aarch64", False, False, True),  # not checked there
+])
+def test_native_bf16_is_avx512_bf16_or_amx_on_x86(monkeypatch, machine, avx512_bf16, amx, native):
+    _cpu(monkeypatch, machine, avx512_bf16, amx)
+    assert cpu_has_native_bf16() is native
+
+
+def test_emulated_bf16_is_refused_with_the_setting_and_the_remedy(monkeypatch):
+    _cpu(monkeypatch, "x86_64", False, False)
+    class Refused(Exception):
+        pass
+
+    with pytest.raises(Refused) as exc:
+        require_native_cpu_bf16("--autocast bf16", "Use --autocast none.", Refused)
+    message = str(exc.value)
+    assert message.startswith("--autocast bf16: this CPU has no native bfloat16") and "Use --autocast none." in message
+    assert torch.backends.cpu.get_cpu_capability() in message and "60 times slower" in message
+    _cpu(monkeypatch, "x86_64", True, False)
+    require_native_cpu_bf16("--autocast bf16", "Use --autocast none.")  # native: nothing raised
+
+
+def test_a_trainer_on_a_cpu_without_native_bf16_stops_before_it_is_built(monkeypatch, capsys):
+    monkeypatch.setenv(AUTOCAST_ENV, "bf16")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(_StockSteps, "__init__", lambda *a: pytest.fail("nnUNetTrainer.__init__ was reached"))
+    with pytest.raises(SystemExit) as exc:
+        _trainer()
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: nnUNet_kd_autocast=bf16: this CPU has no native bfloat16") and \
+        "Unset nnUNet_kd_autocast to train in float32." in err
+
+
+def test_emulated_bf16_is_no_concern_on_cuda(monkeypatch):
+    """On CUDA the variable is ignored (nnU-Net's fp16 autocast): a trainer there is built whatever the CPU."""
+    monkeypatch.setenv(AUTOCAST_ENV, "bf16")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert _trainer("cuda").cpu_autocast_dtype is torch.bfloat16

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-models", nargs="+", metavar="PATH",
                    help="use these trained teacher models for the frozen-teacher trainer instead")
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none",
-                   help="bf16: time the training steps in bfloat16 autocast on the CPU (nnUNet_kd_autocast=bf16); "
+                   help="bf16: time the training steps in bfloat16 autocast on the CPU (nnUNet_kd_autocast=bf16; "
+                        "needs a CPU with native bf16, AVX512-BF16 or AMX); "
                         "default none (fp32; CUDA always uses nnU-Net's fp16 autocast)")
     p.add_argument("--eager-only", action="store_true",
                    help="measure only eagerly (nnUNet_compile=0), not also at nnU-Net's defaults (compiled on CUDA)")

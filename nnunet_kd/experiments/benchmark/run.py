@@ -24,7 +24,8 @@ from nnunet_kd.experiments.benchmark.worker import MeasureRequest, write_request
 from nnunet_kd.experiments.datasets import convert_command, plan_command
 from nnunet_kd.experiments.runner import default_device, nnunet_environment, python_module_command, run_command
 from nnunet_kd.paths import find_dataset_folder, with_trainer_path
-from nnunet_kd.training.precision import autocast_environment, parse_cpu_autocast, precision_description
+from nnunet_kd.training.precision import (autocast_environment, parse_cpu_autocast, precision_description,
+                                         require_native_cpu_bf16)
 
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerMTCMKD", "nnUNetTrainerMTCMKD_FrozenTeachers", "nnUNetTrainerMGSD")
 TOY_DATASET_ID = 990
@@ -126,6 +127,8 @@ def benchmark_environment(work_dir: str, own_data: bool) -> Dict[str, str]:
 def run_benchmark(settings: BenchmarkSettings, argv: Sequence[str] = ()) -> Tuple[Dict[str, Any], bool]:
     """Prepare the data and run all measurements; returns (result, all_ok). ``argv``: the command line's
     options, recorded in the result."""
+    if parse_cpu_autocast(settings.autocast) is not None and (settings.device or default_device()) == "cpu":
+        require_native_cpu_bf16(f"--autocast {settings.autocast}", "Use --autocast none (float32) on this CPU.")
     work_dir = settings.work_dir or make_temp_dir(tempfile.gettempdir(), "nnunet_kd_benchmark_")
     os.makedirs(work_dir, exist_ok=True)
     work_dir = os.path.abspath(work_dir)

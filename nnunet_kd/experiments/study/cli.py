@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("-np", "--num-processes", type=int, default=2, help="CPU workers of each nnU-Net command")
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none", help="bf16: train in bfloat16 autocast "
-                   "on the CPU (nnUNet_kd_autocast=bf16; CUDA keeps nnU-Net's fp16 autocast); default none (fp32)")
+                   "on the CPU (nnUNet_kd_autocast=bf16; needs a CPU with native bf16, AVX512-BF16 or AMX; CUDA keeps "
+                   "nnU-Net's fp16 autocast); default none (fp32)")
     p.add_argument("--markdown", help="also write the report's Markdown to this file")
     p.add_argument("--toy", action="store_true", help="smallest run that exercises every step (CI)")
     p.add_argument("--real-brats", metavar="DIR", help="real cases (one BraTS release folder, converted with "

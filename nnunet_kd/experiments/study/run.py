@@ -24,7 +24,7 @@ from nnunet_kd.experiments.study.design import (DATASET_IDS, RESUME_DEFAULTS, St
                                                 real_case_folds)
 from nnunet_kd.experiments.study.report import write_report
 from nnunet_kd.paths import find_dataset_folder
-from nnunet_kd.training.precision import autocast_environment
+from nnunet_kd.training.precision import autocast_environment, parse_cpu_autocast, require_native_cpu_bf16
 
 #: Marks a work dir as the study's own, so that only such a folder is ever replaced.
 WORKDIR_MARKER = "study_settings.json"
@@ -138,6 +138,9 @@ def run_study(workdir: str, splits: Sequence[int], settings: StudySettings, resu
     ``resume``: keep ``workdir`` and skip what an earlier run with the same settings finished.
     ``markdown``: also write the report's Markdown to this file.
     """
+    if parse_cpu_autocast(settings.autocast) is not None and settings.device == "cpu":
+        require_native_cpu_bf16(f"--autocast {settings.autocast}", "Use --autocast none (float32) on this CPU.",
+                                StudyError)
     work = Path(workdir).resolve()
     record = settings.resume_record()
     settings_file = work / WORKDIR_MARKER
