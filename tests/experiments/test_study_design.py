@@ -5,8 +5,8 @@ import pytest
 
 from nnunet_kd.experiments.datasets import planning_commands, plans_name_for
 from nnunet_kd.experiments.study.collect import model_folder
-from nnunet_kd.experiments.study.design import (ALL_FOUR, BASELINE, DATASET_IDS, MODELS, StudyError, StudySettings,
-                                                real_case_folds, study_models)
+from nnunet_kd.experiments.study.design import (ABLATIONS, ALL_FOUR, BASELINE, DATASET_IDS, MODELS, StudyError,
+                                                StudySettings, real_case_folds, study_models)
 from nnunet_kd.experiments.study.run import _teacher_environment
 
 
@@ -74,6 +74,10 @@ def test_a_model_with_a_teacher_brings_it_along_and_trains_after_it():
     assert MODELS[FROZEN].teacher == ALL_FOUR and names.index(ALL_FOUR) < names.index(FROZEN)
     only = study_models(False, ("nnUNetTrainerMTCMKD_FrozenTeachers_full",))
     assert list(only) == [BASELINE, ALL_FOUR, FROZEN]
+    stronger = "ablation: MTCM-KD, frozen four-channel teacher, KD x4"
+    assert ABLATIONS[stronger].teacher == ALL_FOUR
+    assert list(study_models(True, ("nnUNetTrainerMTCMKD_FrozenTeachers_KDx4_full",))) == [BASELINE, ALL_FOUR,
+                                                                                           stronger]
 
 
 def test_teacher_environment_names_the_finished_teacher_or_refuses(tmp_path):
