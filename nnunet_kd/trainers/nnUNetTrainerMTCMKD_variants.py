@@ -15,7 +15,9 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_kd.brats import dataset_modalities
 from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
 from nnunet_kd.training.performance import RegionPerformance
-from nnunet_kd.training.teachers import check_teacher_fold, load_frozen_teacher, resolve_teacher_checkpoint
+from nnunet_kd.training.features import unwrap_network
+from nnunet_kd.training.teachers import (check_teacher_fold, initialise_from_teacher, load_frozen_teacher,
+                                         resolve_teacher_checkpoint)
 
 
 class nnUNetTrainerMTCMKD_T1(nnUNetTrainerMTCMKD):
@@ -181,3 +183,30 @@ class nnUNetTrainerMTCMKD_FrozenTeachers_KDx4(nnUNetTrainerMTCMKD_FrozenTeachers
     """
 
     kd_total_weight = 2.0
+
+
+class nnUNetTrainerMTCMKD_FrozenTeachers_WarmStart(nnUNetTrainerMTCMKD_FrozenTeachers):
+    """Frozen teachers, and the student starts from the first teacher's weights (a lever of issue 21).
+
+    The teacher must share the student's plans (the same architecture); its input convolution keeps the
+    weights of the student's channels (training.teachers.initialise_from_teacher), so at the start the
+    student on T1ce computes what the four-channel teacher computes with T1, T2 and FLAIR at zero. Then it
+    trains as _FrozenTeachers does, with the default KD. Continuing with ``--c`` loads the student's
+    checkpoint over the warm start. The way to turn an existing four-channel nnU-Net model into a T1ce model
+    when its plans are this dataset's.
+    """
+
+    def initialize(self) -> None:
+        super().initialize()
+        teacher_inputs = self.teacher_channels[0]
+        missing = [c for c in self.student_channels if c not in teacher_inputs]
+        if missing:
+            raise ValueError(f"{self.__class__.__name__}: the first teacher ({'+'.join(self.teacher_modalities[0])}) "
+                             f"does not see the student's {self.student_modality}, so the student cannot start "
+                             f"from its weights; give a teacher that sees {self.student_modality} first in "
+                             f"nnUNet_kd_teachers")
+        kept = [teacher_inputs.index(c) for c in self.student_channels]
+        initialise_from_teacher(unwrap_network(self.network), unwrap_network(self.teachers[0]), kept)
+        self.print_to_log_file(f"MTCM-KD warm start: the student starts from teacher "
+                               f"{'+'.join(self.teacher_modalities[0])}, input channel(s) {kept} of its first "
+                               f"convolution")

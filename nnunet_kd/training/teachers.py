@@ -3,7 +3,7 @@ loaded frozen. The model folder's folds and the predictor come from inference/mo
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,36 @@ def load_frozen_teacher(model_dir: str, fold_name: str, checkpoint_name: str, de
     for p in network.parameters():
         p.requires_grad_(False)
     return network.to(device)
+
+
+def initialise_from_teacher(student: nn.Module, teacher: nn.Module, input_channels: Sequence[int]) -> None:
+    """Copy a trained teacher's weights into a student of the same architecture that reads only some of the
+    teacher's input channels.
+
+    Every tensor of the same shape is copied. A tensor whose input dimension (dim 1) differs is a convolution
+    that reads the network's input: it keeps the teacher's weights of ``input_channels`` (indices into the
+    teacher's inputs, one per student input channel). Everything after that convolution being equal, the
+    student on those channels then computes exactly what the teacher computes with its other inputs at zero.
+    Both are plain modules (not DDP- or compile-wrapped); the student's tensors are written in place, so an
+    optimiser built over them keeps working. ValueError naming the tensor when the two differ otherwise.
+    """
+    student_state, teacher_state = student.state_dict(), teacher.state_dict()
+    if set(student_state) != set(teacher_state):
+        differ = sorted(set(student_state) ^ set(teacher_state))
+        raise ValueError(f"the student and the teacher are different architectures (tensors only one has: "
+                         f"{differ[:4]}{' ...' if len(differ) > 4 else ''}); the warm start needs the same plans")
+    selected = torch.as_tensor(list(input_channels), dtype=torch.long)
+    with torch.no_grad():
+        for name, target in student_state.items():
+            source = teacher_state[name]
+            if source.shape != target.shape:
+                if not (source.ndim > 2 and source.shape[0] == target.shape[0] and source.shape[2:] == target.shape[2:]
+                        and target.shape[1] == len(selected) and int(selected.max()) < source.shape[1]):
+                    raise ValueError(f"tensor {name}: the teacher's is {tuple(source.shape)}, the student's "
+                                     f"{tuple(target.shape)}; only the input convolution may differ, in its input "
+                                     f"channels ({len(selected)} of the teacher's {source.shape[1]})")
+                source = source.index_select(1, selected.to(source.device))
+            target.copy_(source.to(target.device, target.dtype))
 
 
 def check_teacher_fold(teacher_fold: str, student_fold: Union[int, str], teacher: str) -> Optional[str]:

@@ -76,6 +76,7 @@ def test_a_model_with_a_teacher_brings_it_along_and_trains_after_it():
     assert list(only) == [BASELINE, ALL_FOUR, FROZEN]
     stronger = "ablation: MTCM-KD, frozen four-channel teacher, KD x4"
     assert ABLATIONS[stronger].teacher == ALL_FOUR
+    assert ABLATIONS["ablation: MTCM-KD, frozen four-channel teacher, student starts from it"].teacher == ALL_FOUR
     assert list(study_models(True, ("nnUNetTrainerMTCMKD_FrozenTeachers_KDx4_full",))) == [BASELINE, ALL_FOUR,
                                                                                            stronger]
 

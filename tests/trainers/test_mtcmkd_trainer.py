@@ -13,6 +13,7 @@ from nnunet_kd.training.performance import RegionPerformance
 from nnunet_kd.trainers.nnUNetTrainerMTCMKD import nnUNetTrainerMTCMKD
 from nnunet_kd.trainers.nnUNetTrainerMTCMKD_variants import (nnUNetTrainerMTCMKD_AllLevels,
                                                              nnUNetTrainerMTCMKD_FrozenTeachers,
+                                                             nnUNetTrainerMTCMKD_FrozenTeachers_WarmStart,
                                                              nnUNetTrainerMTCMKD_KDFromStart,
                                                              nnUNetTrainerMTCMKD_MultimodalTeacher,
                                                              nnUNetTrainerMTCMKD_PaperWeights,
@@ -347,6 +348,23 @@ def test_frozen_teachers_stay_frozen(brats_dataset, stock_model, monkeypatch, lo
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, stock["network_weights"][k]), k
     assert any(not torch.equal(a, b) for a, b in zip(student_before, trainer.network.parameters()))
+
+
+def test_warm_start_student_starts_as_the_teacher_with_the_other_channels_at_zero(
+        brats_dataset, stock_model, monkeypatch, load_trainer, synthetic_batch):
+    monkeypatch.setenv("nnUNet_kd_teachers", str(stock_model))
+    trainer = load_trainer(brats_dataset, nnUNetTrainerMTCMKD_FrozenTeachers_WarmStart)
+    student, teacher = unwrap_network(trainer.network), trainer.teachers[0]
+    assert trainer.student_channels == [1] and trainer.teacher_channels == [[0, 1, 2, 3]]
+    data = synthetic_batch(trainer)["data"]
+    zeroed = torch.zeros_like(data)
+    zeroed[:, 1] = data[:, 1]
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(data[:, [1]])[0], teacher(zeroed), rtol=1e-4, atol=1e-4)
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    assert np.isfinite(trainer.train_step(synthetic_batch(trainer))["loss"])
 
 
 def test_frozen_teachers_need_a_model(brats_dataset, monkeypatch, tmp_path, load_trainer):

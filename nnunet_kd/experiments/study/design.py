@@ -67,6 +67,8 @@ ABLATIONS: Dict[str, StudyModel] = {
     "ablation: MTCM-KD, KD from epoch 0": StudyModel("nnUNetTrainerMTCMKD_KDFromStart", "full", "t1ce_file"),
     "ablation: MTCM-KD, frozen four-channel teacher, KD x4": StudyModel("nnUNetTrainerMTCMKD_FrozenTeachers_KDx4",
                                                                        "full", "t1ce_file", teacher=ALL_FOUR),
+    "ablation: MTCM-KD, frozen four-channel teacher, student starts from it": StudyModel(
+        "nnUNetTrainerMTCMKD_FrozenTeachers_WarmStart", "full", "t1ce_file", teacher=ALL_FOUR),
     "ablation: MGSD, modality-level weight 5, fed T1ce alone": StudyModel(
         "nnUNetTrainerMGSD_LightModalityKD", "full", "available_t1ce"),
 }
