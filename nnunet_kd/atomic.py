@@ -63,3 +63,12 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 def atomic_write_json(obj: Any, path: str, indent: int = 2) -> None:
     """JSON version of :func:`atomic_write_text`."""
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_save_figure(fig: Any, path: str, dpi: int = 110, **kwargs: Any) -> str:
+    """``fig.savefig`` (a matplotlib figure) through a temporary file and os.replace, folders created; the
+    format comes from the file name's suffix (default png). Returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    _write_atomically(path, "wb", lambda f: fig.savefig(f, dpi=dpi, format=fmt, **kwargs))
+    return path

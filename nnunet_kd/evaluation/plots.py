@@ -3,11 +3,11 @@ missing-modality table (combinations x regions). The study's figures are in
 :mod:`nnunet_kd.experiments.study.plots`."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, List, Mapping, Tuple
 
 import numpy as np
 
+from nnunet_kd.atomic import atomic_save_figure
 from nnunet_kd.brats import REGIONS
 from nnunet_kd.evaluation.metrics import CaseMetrics
 
@@ -31,8 +31,6 @@ def plot_region_boxplots(cases: Mapping[str, CaseMetrics], out_prefix: str, mode
     ``model`` (e.g. the predictions folder or the trainer) is the figure's title, so that plots of several
     models cannot be mixed up.
     """
-    folder = os.path.dirname(os.path.abspath(out_prefix))
-    os.makedirs(folder, exist_ok=True)
     paths = []
     for region in REGIONS:
         dice = [float(c[region]["dice"]) for c in cases.values()]
@@ -55,9 +53,7 @@ def plot_region_boxplots(cases: Mapping[str, CaseMetrics], out_prefix: str, mode
         if model:
             fig.suptitle(f"{model}: {region}")
         fig.tight_layout()
-        path = f"{out_prefix}_{region}.png"
-        fig.savefig(path, dpi=100)
-        paths.append(path)
+        paths.append(atomic_save_figure(fig, f"{out_prefix}_{region}.png", dpi=100))
     return paths
 
 
@@ -94,6 +90,4 @@ def plot_heatmap(results: Mapping, metric: str, path: str) -> str:
     ax.set_title(f"{title} per available-modality combination")
     fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic_save_figure(fig, path, dpi=100)

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from nnunet_kd.experiments.study.collect import combinations_file, scores_file
-from nnunet_kd.experiments.study.design import BASELINE, DATASET_IDS, MODELS, StudySettings
+from nnunet_kd.experiments.study.design import BASELINE, DATASET_IDS, MODELS, StudySettings, study_models
 from nnunet_kd.experiments.study.report import collect_report
+from nnunet_kd.experiments.study.tables import shown_epochs
 
 DROPOUT = "modality dropout fed T1ce alone"
 MTCMKD = "MTCM-KD student (T1ce)"
@@ -67,12 +68,13 @@ def test_report_on_some_splits_only(tmp_path):
     assert summary["paired"][MTCMKD]["WT"]["dice"]["mean"] == pytest.approx(0.1)
 
 
-def _write_distillation_log(root, model, plans, shares, measured_at=None):
+def _write_distillation_log(root, model, plans, shares, measured_at=None, extra=None):
+    """``extra``: per epoch, further entries of that epoch's record (e.g. MTCM-KD's KD weights)."""
     folder = (root / "results" / f"Dataset{DATASET_IDS[model.dataset]}_BraTS" / f"{model.trainer}__{plans}__3d_fullres"
               / "fold_all")
     folder.mkdir(parents=True)
-    entries = [{"epoch": e, "gradient_share": s, **({"gradient_measured_at": measured_at} if measured_at else {})}
-               for e, s in enumerate(shares)]
+    entries = [{"epoch": e, "gradient_share": s, **({"gradient_measured_at": measured_at} if measured_at else {}),
+                **(extra[e] if extra else {})} for e, s in enumerate(shares)]
     (folder / "distillation_log.json").write_text(json.dumps(entries))
 
 
@@ -101,6 +103,46 @@ def test_report_gives_per_split_means_and_gradient_shares(tmp_path):
     assert f"| {MTCMKD} | 10.0 / 10.0 / 10.0 | 20.0 / 20.0 / 20.0 |" in md
     assert f"| {MTCMKD} (logits) | kd | 0.00 | 0.30 |" in md
     assert (tmp_path / "r" / "study_gradient_shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_gives_mtcmkd_kd_weights_per_source_region_and_epoch(tmp_path):
+    work, plans = tmp_path / "study", "nnUNetPlans_4x4x4mm"
+    regions = ["whole tumor", "tumor core", "enhancing tumor"]
+    shares = [{"supervised": 1.0, "response_kd": 0.0}] * 3
+    weights = {"fold0": [None, {"T2": [0.1, 0.0, 0.0], "cdsfl1": [0.03, 0.03, 0.0]},
+                         {"T2": [0.2, 0.1, 0.0], "cdsfl1": [0.03, 0.03, 0.03]}],
+               "fold1": [None, {"T2": [0.3, 0.0, 0.0], "cdsfl1": [0.01, 0.0, 0.0]},
+                         {"T2": [0.4, 0.3, 0.0], "cdsfl1": [0.03, 0.03, 0.03]}]}
+    paper = [None, {"T2": 0.05, "cdsfl1": 0.03}, {"T2": 0.07, "cdsfl1": 0.03}]  # one weight for every region
+    paper_name = "ablation: MTCM-KD, the paper's weights (WT Dice, fixed total)"
+    ablation = study_models(True)[paper_name]
+    for fold in ("fold0", "fold1"):
+        root = work / fold
+        _write_scores(scores_file(root, MODELS[BASELINE]), {f"{fold}_a": (0.5, 3.0)})
+        for model, kd in ((MODELS[MTCMKD], weights[fold]), (ablation, paper)):
+            _write_scores(scores_file(root, model), {f"{fold}_a": (0.4, 4.0)})
+            _write_distillation_log(root, model, plans, shares,
+                                    extra=[{"regions": regions, "kd_weights": w} for w in kd])
+    settings = StudySettings(real_brats="cases", folds=2, target_spacing=(4.0, 4.0, 4.0), ablations=True)
+    summary = collect_report([str(work)], str(tmp_path / "r"), settings)["summary"]
+    default = summary["kd_weights"][MTCMKD]
+    assert default["regions"] == regions and default["splits"] == 2 and list(default["sources"]) == ["T2", "cdsfl1"]
+    assert default["sources"]["T2"]["whole tumor"]["mean"] == pytest.approx([0.0, 0.2, 0.3])  # 0 before KD starts
+    assert default["sources"]["T2"]["tumor core"]["low"] == pytest.approx([0.0, 0.0, 0.1])
+    assert default["sources"]["T2"]["tumor core"]["high"] == pytest.approx([0.0, 0.0, 0.3])
+    assert summary["kd_weights"][paper_name]["sources"]["T2"]["enhancing tumor"]["mean"] == \
+        pytest.approx([0.0, 0.05, 0.07])
+    assert BASELINE not in summary["kd_weights"]
+    md = (tmp_path / "r" / "study.md").read_text()
+    assert "| model | source | region | epoch 0 | epoch 1 | epoch 2 |" in md
+    assert f"| {MTCMKD} | T2 | whole tumor | 0 | 0.2 | 0.3 |" in md
+    assert (tmp_path / "r" / "study_kd_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shown_epochs_are_the_first_ones_and_every_fifth_up_to_the_last():
+    assert shown_epochs(120) == [0, 1, 2, 5, 10, 24, 48, 71, 95, 119]
+    assert shown_epochs(3) == [0, 1, 2]
+    assert shown_epochs(0) == []
 
 
 def test_report_contrasts_mgsd_with_modality_dropout_per_combination(tmp_path):

@@ -94,9 +94,12 @@ def collect_split(root: Path, models: Mapping[str, StudyModel], plans: str) -> d
     the learning curve of every model that has a checkpoint, finished or not (:func:`read_learning_curve`).
 
     Returns ``{"models": {name: {case: metrics}}, "combinations": {name: {combination: {case: metrics}}},
-    "gradient_shares": {name: {"measured_at": str, "epochs": [{term: share}]}}, "learning_curves": {name: curve}}``.
+    "gradient_shares": {name: {"measured_at": str, "epochs": [{term: share}]}}, "kd_weights": {name: {"regions":
+    [region], "epochs": [{source: weight or [weight per region]} or None]}}, "learning_curves": {name: curve}}``;
+    ``kd_weights``: MTCM-KD's weights of each teacher and CDSFL level as used in each epoch (ramp included; None
+    before KD starts), for the models whose log records them.
     """
-    out: dict = {"models": {}, "combinations": {}, "gradient_shares": {}, "learning_curves": {}}
+    out: dict = {"models": {}, "combinations": {}, "gradient_shares": {}, "kd_weights": {}, "learning_curves": {}}
     for name, model in models.items():
         folder = model_folder(root, model, plans)
         curve = None if folder is None else read_learning_curve(folder)
@@ -114,5 +117,8 @@ def collect_split(root: Path, models: Mapping[str, StudyModel], plans: str) -> d
                 # MTCM-KD measures at the student's logits; MGSD says where it measured
                 "measured_at": epochs[0].get("gradient_measured_at", "logits") if epochs else "logits",
                 "epochs": [e["gradient_share"] for e in epochs if "gradient_share" in e]}
+            if any("kd_weights" in e for e in epochs):
+                regions = next((e["regions"] for e in epochs if "regions" in e), None)
+                out["kd_weights"][name] = {"regions": regions, "epochs": [e.get("kd_weights") for e in epochs]}
     return out
 

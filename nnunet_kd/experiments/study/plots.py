@@ -1,12 +1,12 @@
 """The study's figures: paired differences to the baseline (forest plot), model means, the distillation
-trainers' gradient shares and the learning curves."""
+trainers' gradient shares, MTCM-KD's KD weights and the learning curves."""
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import numpy as np
 
+from nnunet_kd.atomic import atomic_save_figure
 from nnunet_kd.brats import REGIONS
 from nnunet_kd.evaluation.plots import new_figure
 
@@ -40,9 +40,7 @@ def plot_paired_differences(differences: Mapping[str, Mapping], baseline: str, p
     n = differences[models[0]][next(iter(REGIONS))]["dice"]["n"] if models else 0
     fig.suptitle(f"Paired per-case differences, model - {baseline} (n = {n} cases)", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def plot_model_means(models: Mapping[str, Mapping], path: str) -> str:
@@ -63,9 +61,7 @@ def plot_model_means(models: Mapping[str, Mapping], path: str) -> str:
     ax.set_ylabel("Dice (%) on held-out cases, mean ± sd over cases")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return atomic_save_figure(fig, path, dpi=120)
 
 
 def plot_gradient_shares(shares: Mapping[str, Mapping], path: str) -> str:
@@ -91,9 +87,33 @@ def plot_gradient_shares(shares: Mapping[str, Mapping], path: str) -> str:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("share of the gradient norm")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_save_figure(fig, path, dpi=110)
+
+
+def plot_kd_weights(weights: Mapping[str, Mapping], path: str) -> str:
+    """Per MTCM-KD model (one panel each), the weight of every KD source (one colour each) on every region (one
+    line style each) over the epochs, mean over splits.
+
+    ``weights``: ``{model: {"regions": [region], "splits": n, "sources": {source: {region: {"mean": [epoch]}}}}}``
+    as :func:`nnunet_kd.experiments.study.report.mean_kd_weights` returns.
+    """
+    models = list(weights)
+    fig = new_figure((4.6 * max(1, len(models)), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(models)), sharey=True))
+    styles = ("-", "--", ":", "-.")
+    for ax, model in zip(axes, models):
+        entry = weights[model]
+        for i, (source, per_region) in enumerate(entry["sources"].items()):
+            for j, (region, v) in enumerate(per_region.items()):
+                ax.plot(np.arange(len(v["mean"])), v["mean"], color=f"C{i}", linestyle=styles[j % len(styles)],
+                        label=f"{source}, {region}")
+        ax.set_title(f"{model}\n({entry['splits']} splits)", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("KD weight (ramp included)")
+    fig.tight_layout()
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def plot_learning_curves(curves: Mapping[str, Mapping], path: str) -> str:
@@ -131,6 +151,4 @@ def plot_learning_curves(curves: Mapping[str, Mapping], path: str) -> str:
     axes[0].set_ylabel("validation pseudo-Dice")
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0.0, legend_h / (3.6 + legend_h), 1.0, 1.0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_save_figure(fig, path, dpi=110)

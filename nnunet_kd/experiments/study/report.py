@@ -20,7 +20,8 @@ from nnunet_kd.experiments.study.collect import FLAT_GAIN, collect_split, flatte
 from nnunet_kd.experiments.study.design import BASELINE, CONTRASTS, StudyError, StudyModel, StudySettings
 from nnunet_kd.experiments.study.paired import paired_difference
 from nnunet_kd.experiments.study.tables import (combinations_table, dice_differences_table, gradient_shares_table,
-                                                learning_curves_table, models_table, paired_table, per_split_table)
+                                                kd_weights_table, learning_curves_table, models_table, paired_table,
+                                                per_split_table)
 
 
 def _pooled(tables: Mapping[str, Optional[Mapping]]) -> Optional[dict]:
@@ -40,6 +41,32 @@ def mean_gradient_shares(logs: Sequence[Mapping]) -> dict:
     return {"measured_at": logs[0]["measured_at"], "splits": len(logs),
             "terms": {t: {"mean": v.mean(axis=0).tolist(), "low": v.min(axis=0).tolist(),
                           "high": v.max(axis=0).tolist()} for t, v in shares.items()}}
+
+
+def mean_kd_weights(logs: Sequence[Mapping]) -> dict:
+    """Each KD source's weight per region and epoch over splits: mean, lowest and highest, for the epochs that
+    every split logged. ``logs``: one ``collect_split`` KD-weight entry per split. An epoch without weights
+    (KD not started) counts 0; a source with one weight for every region (the paper's rule) has it on each.
+
+    Returns ``{"regions": [region], "splits": n, "sources": {source: {region: {"mean", "low", "high": [epoch]}}}}``.
+    """
+    epochs = min(len(log["epochs"]) for log in logs)
+    regions = logs[0]["regions"] or []
+    sources = list(dict.fromkeys(src for log in logs for entry in log["epochs"][:epochs] if entry for src in entry))
+
+    def weight(entry: Optional[Mapping], source: str, region: int) -> float:
+        value = (entry or {}).get(source, 0.0)
+        return float(value[region] if isinstance(value, (list, tuple)) else value)
+
+    out: dict = {"regions": regions, "splits": len(logs), "sources": {}}
+    for src in sources:
+        values = np.array([[[weight(log["epochs"][e], src, r) for r in range(len(regions))] for e in range(epochs)]
+                           for log in logs], dtype=float)  # (splits, epochs, regions)
+        out["sources"][src] = {region: {"mean": values[:, :, r].mean(axis=0).tolist(),
+                                        "low": values[:, :, r].min(axis=0).tolist(),
+                                        "high": values[:, :, r].max(axis=0).tolist()}
+                               for r, region in enumerate(regions)}
+    return out
 
 
 def summarise_learning_curves(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -> dict:
@@ -70,7 +97,7 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
     Models that have not finished every split are listed under ``incomplete``.
     """
     summary: dict = {"models": {}, "per_split": {}, "paired": {}, "combinations": {}, "gradient_shares": {},
-                     "incomplete": {}}
+                     "kd_weights": {}, "incomplete": {}}
     pooled = {}
     for name in models:
         cases = _pooled({s: split["models"].get(name) for s, split in per_split.items()})
@@ -83,6 +110,9 @@ def summarise(per_split: Mapping[str, dict], models: Mapping[str, StudyModel]) -
         logs = [split["gradient_shares"].get(name) for split in per_split.values()]
         if all(logs):
             summary["gradient_shares"][name] = mean_gradient_shares(logs)
+        weights = [split["kd_weights"].get(name) for split in per_split.values()]
+        if all(weights):
+            summary["kd_weights"][name] = mean_kd_weights(weights)
     if BASELINE in pooled:
         summary["paired"] = {name: paired_difference(cases, pooled[BASELINE])
                              for name, cases in pooled.items() if name != BASELINE}
@@ -121,10 +151,10 @@ def source_commit() -> str:
 
 def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySettings, wall_time_s: float,
                  markdown: Optional[str] = None) -> dict:
-    """study.json, study.md (and ``markdown``), study_dice.png, study_paired.png, study_gradient_shares.png and
-    study_learning_curves.png from the splits' scores and logs."""
-    from nnunet_kd.experiments.study.plots import (plot_gradient_shares, plot_learning_curves, plot_model_means,
-                                                   plot_paired_differences)
+    """study.json, study.md (and ``markdown``), study_dice.png, study_paired.png, study_gradient_shares.png,
+    study_kd_weights.png and study_learning_curves.png from the splits' scores and logs."""
+    from nnunet_kd.experiments.study.plots import (plot_gradient_shares, plot_kd_weights, plot_learning_curves,
+                                                   plot_model_means, plot_paired_differences)
 
     s = settings
     summary = summarise(per_split, s.models())
@@ -140,6 +170,8 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
         plot_paired_differences(summary["paired"], BASELINE, str(work / "study_paired.png"))
     if summary["gradient_shares"]:
         plot_gradient_shares(summary["gradient_shares"], str(work / "study_gradient_shares.png"))
+    if summary["kd_weights"]:
+        plot_kd_weights(summary["kd_weights"], str(work / "study_kd_weights.png"))
     if summary["learning_curves"]:
         plot_learning_curves(summary["learning_curves"], str(work / "study_learning_curves.png"))
     splits = ", ".join(per_split)
@@ -173,6 +205,10 @@ def write_report(work: Path, per_split: Mapping[str, dict], settings: StudySetti
         md += ("\nEach loss term's share of the gradient per epoch, mean over splits (the trainers' "
                "distillation_log.json; range in study.json and study_gradient_shares.png):\n\n"
                + gradient_shares_table(summary["gradient_shares"]) + "\n")
+    if summary["kd_weights"]:
+        md += ("\nMTCM-KD's weight of each teacher and CDSFL level per region as used in the epoch (ramp included, 0 "
+               "before KD starts), mean over splits, at some epochs (every epoch and the range in study.json and "
+               "study_kd_weights.png):\n\n" + kd_weights_table(summary["kd_weights"]) + "\n")
     if summary["learning_curves"]:
         md += ("\nLearning curves: nnU-Net's validation pseudo-Dice per epoch (each fold folder's "
                "checkpoint_final.pth, or checkpoint_latest.pth of an unfinished training; every epoch's values in "

@@ -1,5 +1,5 @@
-"""The study report's Markdown tables: model means, paired differences, per-split means, gradient shares,
-learning curves and the 15-combination tables."""
+"""The study report's Markdown tables: model means, paired differences, per-split means, gradient shares, KD
+weights, learning curves and the 15-combination tables."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -64,6 +64,27 @@ def gradient_shares_table(shares: Mapping[str, Mapping]) -> str:
         for term, v in entry["terms"].items():
             cells = [f"{x:.2f}" for x in v["mean"]] + [""] * (epochs - len(v["mean"]))
             lines.append(f"| {name} ({entry['measured_at']}) | {term} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def shown_epochs(epochs: int) -> list:
+    """The epochs a compact per-epoch table shows: 0, 1, 2, 5, 10 and every fifth of the run, up to the last."""
+    picks = {0, 1, 2, 5, 10} | {round(k * (epochs - 1) / 5) for k in range(1, 6)}
+    return sorted(e for e in picks if 0 <= e < epochs)
+
+
+def kd_weights_table(weights: Mapping[str, Mapping]) -> str:
+    """Each MTCM-KD model's weight of every KD source on every region (mean over splits) at :func:`shown_epochs`."""
+    epochs = max((len(v["mean"]) for entry in weights.values() for source in entry["sources"].values()
+                  for v in source.values()), default=0)
+    shown = shown_epochs(epochs)
+    lines = ["| model | source | region | " + " | ".join(f"epoch {e}" for e in shown) + " |",
+             "| --- | --- | --- |" + " --- |" * len(shown)]
+    for name, entry in weights.items():
+        for source, per_region in entry["sources"].items():
+            for region, v in per_region.items():
+                cells = [f"{v['mean'][e]:.3g}" if e < len(v["mean"]) else "" for e in shown]
+                lines.append(f"| {name} | {source} | {region} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
